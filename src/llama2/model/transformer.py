@@ -1,0 +1,131 @@
+"""The Llama 2 decoder: `Transformer(tokens, start_pos) -> logits`, Meta's call signature."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from llama2.config import ModelArgs
+from llama2.errors import GenerationError
+from llama2.model.attention import Attention
+from llama2.model.kv_cache import KVCache
+from llama2.model.layers import FeedForward, RMSNorm, RotaryEmbedding
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, layer_id: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        positions: Tensor,
+        mask: Tensor | None,
+        kv_len: int,
+        start_pos: int | None,
+        slots: Tensor | None,
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, kv_len, start_pos, slots)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama 2 decoder-only transformer. Parameter names match Meta's checkpoints.
+
+    Call as `model(tokens, start_pos)`:
+      - tokens: (B, T) int64;
+      - start_pos: int (all rows start at the same position, Meta's convention) or a (B,) int64
+        tensor of per-row start positions (continuous batching);
+      - slots: optional (B,) int64 cache rows for each batch row (default: row i uses cache row i).
+    Returns float32 logits (B, T, vocab_size).
+
+    Without caches (`setup_caches` not called) the forward is a plain causal pass over `tokens`,
+    as used in training; with caches, keys/values are written at the given positions and attention
+    reads every cached position up to each query's own.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, args.max_seq_len)
+
+    # ----------------------------------------------------------------------------- caches
+    def setup_caches(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate a KV cache of `max_batch_size` x `max_seq_len` positions in every layer."""
+        param = self.output.weight
+        dtype = dtype or (param.dtype if param.is_floating_point() else torch.float32)
+        device = device or self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attention.cache = KVCache(
+                max_batch_size, max_seq_len, self.args.kv_heads, self.args.head_dim, dtype, device
+            )
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    @property
+    def cache(self) -> KVCache | None:
+        """The first layer's cache (all layers share its shape), or None."""
+        first = self.layers[0].attention.cache
+        return first if isinstance(first, KVCache) else None
+
+    # ---------------------------------------------------------------------------- forward
+    def hidden_states(
+        self, tokens: Tensor, start_pos: int | Tensor = 0, slots: Tensor | None = None
+    ) -> Tensor:
+        """Final normalised hidden states (B, T, dim) — the input of the output head (and of reward heads)."""
+        bsz, seqlen = tokens.shape
+        device = tokens.device
+        offsets = torch.arange(seqlen, device=device)  # (T,)
+        common_start: int | None
+        if isinstance(start_pos, Tensor):
+            positions = start_pos.to(device=device, dtype=torch.long)[:, None] + offsets  # (B, T)
+            common_start = None
+            kv_len = int(positions.max().item()) + 1
+        else:
+            positions = (start_pos + offsets).expand(bsz, seqlen)  # (B, T)
+            common_start = start_pos
+            kv_len = start_pos + seqlen
+        cache = self.cache
+        mask: Tensor | None = None
+        if cache is not None:
+            if kv_len > cache.max_seq_len:
+                raise GenerationError(
+                    f"position {kv_len - 1} is past the KV cache length {cache.max_seq_len}; "
+                    "allocate a longer cache with setup_caches(max_seq_len=...)"
+                )
+            if bsz > cache.max_batch_size and slots is None:
+                raise GenerationError(f"batch of {bsz} exceeds the cache's max_batch_size {cache.max_batch_size}")
+            if seqlen > 1 or common_start is None:
+                keys = torch.arange(kv_len, device=device)  # (L,)
+                mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
+        elif common_start is None:
+            raise GenerationError("per-row start positions need a KV cache; call setup_caches first")
+        cos, sin = self.rope(positions)  # (B, T, head_dim/2) each
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin, positions, mask, kv_len, common_start, slots)
+        return self.norm(h)
+
+    def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, slots: Tensor | None = None) -> Tensor:
+        return self.output(self.hidden_states(tokens, start_pos, slots)).float()  # (B, T, vocab)

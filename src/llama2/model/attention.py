@@ -63,4 +63,5 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None and self.cache is None and seqlen > 1,
         )  # (B, H, T, D)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        result: Tensor = self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, T, dim)
+        return result

@@ -65,7 +65,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent pairs of x. x: (B, T, H, D); cos/sin: (B, T, D/2). Computed in float32."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, D/2)
     c, s = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # (B, T, H, D/2, 2)
@@ -82,4 +82,5 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        out: Tensor = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -34,8 +36,10 @@ class TransformerBlock(nn.Module):
         start_pos: int | None,
         slots: Tensor | None,
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, kv_len, start_pos, slots)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attn = self.attention(self.attention_norm(x), cos, sin, positions, mask, kv_len, start_pos, slots)
+        h: Tensor = x + attn
+        out: Tensor = h + self.feed_forward(self.ffn_norm(h))
+        return out
 
 
 class Transformer(nn.Module):
@@ -62,6 +66,11 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, args.max_seq_len)
 
+    @property
+    def blocks(self) -> list[TransformerBlock]:
+        """The decoder blocks, typed (iterating `self.layers` yields plain `nn.Module`s)."""
+        return [cast(TransformerBlock, layer) for layer in self.layers]
+
     # ----------------------------------------------------------------------------- caches
     def setup_caches(
         self,
@@ -74,20 +83,19 @@ class Transformer(nn.Module):
         param = self.output.weight
         dtype = dtype or (param.dtype if param.is_floating_point() else torch.float32)
         device = device or self.tok_embeddings.weight.device
-        for layer in self.layers:
+        for layer in self.blocks:
             layer.attention.cache = KVCache(
                 max_batch_size, max_seq_len, self.args.kv_heads, self.args.head_dim, dtype, device
             )
 
     def clear_caches(self) -> None:
-        for layer in self.layers:
+        for layer in self.blocks:
             layer.attention.cache = None
 
     @property
     def cache(self) -> KVCache | None:
         """The first layer's cache (all layers share its shape), or None."""
-        first = self.layers[0].attention.cache
-        return first if isinstance(first, KVCache) else None
+        return self.blocks[0].attention.cache
 
     # ---------------------------------------------------------------------------- forward
     def hidden_states(
@@ -115,7 +123,9 @@ class Transformer(nn.Module):
                     "allocate a longer cache with setup_caches(max_seq_len=...)"
                 )
             if bsz > cache.max_batch_size and slots is None:
-                raise GenerationError(f"batch of {bsz} exceeds the cache's max_batch_size {cache.max_batch_size}")
+                raise GenerationError(
+                    f"batch of {bsz} exceeds the cache's max_batch_size {cache.max_batch_size}"
+                )
             if seqlen > 1 or common_start is None:
                 keys = torch.arange(kv_len, device=device)  # (L,)
                 mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
@@ -125,7 +135,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, positions, mask, kv_len, common_start, slots)
-        return self.norm(h)
+        normed: Tensor = self.norm(h)  # (B, T, dim)
+        return normed
 
     def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, slots: Tensor | None = None) -> Tensor:
-        return self.output(self.hidden_states(tokens, start_pos, slots)).float()  # (B, T, vocab)
+        logits: Tensor = self.output(self.hidden_states(tokens, start_pos, slots))
+        return logits.float()  # (B, T, vocab)

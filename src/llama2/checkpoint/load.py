@@ -1,0 +1,590 @@
+"""Load a checkpoint (Meta, Hugging Face, llama2.c or ours) into a `Transformer`.
+
+Tensors are memory-mapped (`torch.load(mmap=True, weights_only=True)`, safetensors, `np.memmap`), the
+model is built on the `meta` device, and each tensor is renamed/merged/converted one at a time and
+assigned with `load_state_dict(assign=True)`, so peak memory stays near one copy of the weights.
+Pickles are never trusted: PyTorch files are scanned for globals and loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import pickle
+import pickletools
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llama2.checkpoint import keymaps
+from llama2.checkpoint.formats import (
+    CheckpointFormat,
+    DetectedCheckpoint,
+    FileKind,
+    detect,
+    read_llama2c_header,
+    read_safetensors_header,
+    sniff,
+)
+from llama2.config import ModelArgs, read_json
+from llama2.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from llama2.model import Transformer
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+# Globals a plain tensor pickle may reference (torch's weights_only unpickler is the final guard).
+_SAFE_GLOBAL_MODULES = ("torch", "collections")
+
+LLAMA2C_NORM_EPS = 1e-5  # llama2.c run.c hard-codes these; the file does not store them
+LLAMA2C_ROPE_THETA = 10000.0
+
+
+@dataclass
+class TensorSource:
+    """One tensor of a checkpoint, under our (Meta) name, not yet read.
+
+    Attributes:
+        name: our parameter name.
+        file: the file it comes from (for error messages).
+        shape: its shape after renaming/merging (known without reading the data).
+        dtype: its stored dtype.
+        load: reads it (memory-mapped where possible) and applies any permutation/merge.
+    """
+
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], Tensor]
+
+
+@dataclass
+class CheckpointContents:
+    """A checkpoint opened lazily: its shape, its tensors (unread) and metadata."""
+
+    format: CheckpointFormat
+    args: ModelArgs
+    tensors: list[TensorSource]
+    files: tuple[Path, ...]
+    root: Path
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Read every tensor (Meta names), optionally converting floating-point ones to `dtype`."""
+        out: dict[str, Tensor] = {}
+        for src in self.tensors:
+            t = src.load()
+            out[src.name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return out
+
+
+@dataclass
+class LoadedModel:
+    """What `load_model` returns.
+
+    Attributes:
+        model: the Transformer, weights assigned, in eval mode.
+        args: its shape (`args.max_seq_len` is the context window; see `load_model`).
+        format: the checkpoint format name (`meta`, `hf`, `llama2c`, `llama2`).
+        tokenizer_path: a `tokenizer.model` found next to the weights, else None.
+        metadata: string metadata stored with the weights (safetensors `__metadata__`), else empty.
+        max_seq_len: the context window the caller asked for (or the checkpoint's).
+    """
+
+    model: Transformer
+    args: ModelArgs
+    format: str
+    tokenizer_path: Path | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    max_seq_len: int = 0
+
+
+# ================================================================================ public API
+def read_checkpoint(path: Path | str) -> CheckpointContents:
+    """Open a checkpoint without reading its tensor data.
+
+    Args:
+        path: a checkpoint folder or a single weights file (format detected from contents).
+
+    Returns:
+        The checkpoint's `ModelArgs`, its tensors under Meta names (lazy) and its metadata.
+
+    Raises:
+        CheckpointError: unknown format, missing/truncated/corrupt file, unexpected tensor.
+        UnsafeCheckpointError: a PyTorch file holds a pickle that references anything but tensors.
+    """
+    found = detect(path)
+    readers: dict[CheckpointFormat, Callable[[DetectedCheckpoint], CheckpointContents]] = {
+        CheckpointFormat.META: _read_meta,
+        CheckpointFormat.HF: _read_hf,
+        CheckpointFormat.LLAMA2C: _read_llama2c,
+        CheckpointFormat.LLAMA2: _read_ours,
+    }
+    return readers[found.format](found)
+
+
+def load_model(
+    path: Path | str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    max_seq_len: int | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a checkpoint of any supported format into a `Transformer`.
+
+    Args:
+        path: a checkpoint folder, or one file (llama2.c `.bin`, `.safetensors`, `.pth`).
+        device: where the weights go; default CPU.
+        dtype: weight dtype. None keeps float32/bfloat16 checkpoints as they are; float16 becomes
+            bfloat16 on CPU (float16 matmuls are slow there) and stays float16 on other devices.
+        max_seq_len: context window to use instead of the checkpoint's. It replaces
+            `args.max_seq_len` unless the model uses dynamic rope scaling (there `args.max_seq_len`
+            is the trained length the scaling is relative to, so it is kept); either way it is
+            returned as `LoadedModel.max_seq_len`.
+        progress: show a tqdm bar over tensors on stderr.
+
+    Returns:
+        A `LoadedModel` with the model in eval mode.
+
+    Raises:
+        CheckpointError: unknown format, missing path, truncated file, missing/unexpected tensor or a
+            shape mismatch; the message names the file and the tensor.
+        UnsafeCheckpointError: a pickle that references anything but tensors (its code never runs).
+    """
+    contents = read_checkpoint(path)
+    args = contents.args
+    if max_seq_len is not None:
+        if max_seq_len <= 0:
+            raise CheckpointError(f"max_seq_len must be a positive integer, got {max_seq_len}")
+        if args.rope_scaling is None or args.rope_scaling.type != "dynamic":
+            args = args.replace(max_seq_len=max_seq_len)
+    target_device = torch.device(device if device is not None else "cpu")
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    _check_names_and_shapes(contents, expected)
+    target_dtype = _target_dtype(contents, dtype, target_device)
+
+    from tqdm import tqdm
+
+    state: dict[str, Tensor] = {}
+    bar = tqdm(
+        contents.tensors,
+        desc=f"loading {Path(path).name}",
+        unit="tensor",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
+    for src in bar:
+        t = src.load()
+        if not t.is_floating_point():
+            raise CheckpointError(
+                f"{src.file}: tensor {src.name!r} has dtype {t.dtype}; expected floating point"
+            )
+        state[src.name] = t.to(device=target_device, dtype=target_dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    return LoadedModel(
+        model=model,
+        args=args,
+        format=str(contents.format),
+        tokenizer_path=_find_tokenizer(contents),
+        metadata=dict(contents.metadata),
+        max_seq_len=max_seq_len if max_seq_len is not None else args.max_seq_len,
+    )
+
+
+# ================================================================================== checks
+def _check_names_and_shapes(contents: CheckpointContents, expected: dict[str, tuple[int, ...]]) -> None:
+    seen: dict[str, TensorSource] = {}
+    files = ", ".join(str(f) for f in contents.files)
+    for src in contents.tensors:
+        if src.name in seen:
+            raise CheckpointError(
+                f"{src.file}: tensor {src.name!r} appears twice (also in {seen[src.name].file})"
+            )
+        seen[src.name] = src
+        if src.name not in expected:
+            raise CheckpointError(
+                f"{src.file}: unexpected tensor {src.name!r}; a Llama 2 model with "
+                f"{contents.args.n_layers} layers has no such parameter"
+            )
+        if src.shape != expected[src.name]:
+            raise CheckpointError(
+                f"{src.file}: tensor {src.name!r} has shape {list(src.shape)}; expected "
+                f"{list(expected[src.name])} for this model's shape (from {contents.format} config)"
+            )
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{files}: missing tensor {missing[0]!r}{more}")
+
+
+def _target_dtype(
+    contents: CheckpointContents, dtype: torch.dtype | None, device: torch.device
+) -> torch.dtype:
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"dtype must be a floating-point dtype, got {dtype}")
+        return dtype
+    stored = next((s.dtype for s in contents.tensors if s.name == "tok_embeddings.weight"), torch.float32)
+    if stored == torch.float16 and device.type == "cpu":
+        return torch.bfloat16
+    if stored in (torch.float32, torch.bfloat16, torch.float16):
+        return stored
+    return torch.float32
+
+
+def _find_tokenizer(contents: CheckpointContents) -> Path | None:
+    candidates = [contents.root / "tokenizer.model"]
+    if contents.format is CheckpointFormat.META:  # Meta's download puts it beside the model folders
+        candidates.append(contents.root.parent / "tokenizer.model")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _config_error(file: Path, e: ConfigError) -> CheckpointError:
+    return CheckpointError(f"{file}: {e}")
+
+
+# ========================================================================== PyTorch pickles
+def _pickle_globals(stream: IO[bytes], max_pickles: int = 5) -> list[str]:
+    """Globals referenced by the (up to `max_pickles` consecutive) pickles in `stream`.
+
+    Only reads opcodes (nothing is executed). STACK_GLOBAL's operands are taken from the two most
+    recent string pushes, which is how every pickler emits them.
+    """
+    found: list[str] = []
+    for _ in range(max_pickles):
+        strings: list[str] = []
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>")
+                elif isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+        except (ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError):
+            break
+        if stream.read(1) == b"":  # end of data
+            break
+        stream.seek(-1, io.SEEK_CUR)
+    return found
+
+
+def _unsafe_globals(names: list[str]) -> list[str]:
+    allowed_collections = {"collections.OrderedDict"}
+    return [
+        name
+        for name in names
+        if name.split(".", 1)[0] not in _SAFE_GLOBAL_MODULES
+        or (name.startswith("collections.") and name not in allowed_collections)
+    ]
+
+
+def _scan_torch_file(file: Path, kind: FileKind) -> None:
+    """Refuse a PyTorch file whose pickle references anything but torch/OrderedDict (before loading)."""
+    if kind is FileKind.TORCH_ZIP:
+        try:
+            with zipfile.ZipFile(file) as zf:
+                pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
+                if not pkl:
+                    raise CheckpointError(
+                        f"{file}: PyTorch archive without data.pkl; expected torch.save output"
+                    )
+                names = _pickle_globals(io.BytesIO(zf.read(pkl[0])))
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise CheckpointError(
+                f"{file}: truncated or corrupt PyTorch archive ({e}); cannot read any tensor"
+            ) from None
+    else:
+        with file.open("rb") as f:
+            names = _pickle_globals(f)
+    bad = _unsafe_globals(names)
+    if bad:
+        raise UnsafeCheckpointError(
+            f"{file}: refused to load: the pickle references {', '.join(sorted(set(bad)))}, which a weights "
+            "file never needs (it could run code); expected only tensors"
+        )
+
+
+def _torch_load(file: Path) -> dict[str, Tensor]:
+    """Memory-map a PyTorch weights file safely and return its flat name -> tensor dict."""
+    kind = sniff(file)
+    if kind not in (FileKind.TORCH_ZIP, FileKind.PICKLE):
+        raise CheckpointError(
+            f"{file}: not a PyTorch file (it looks like {kind}); expected torch.save output"
+        )
+    _scan_torch_file(file, kind)
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=kind is FileKind.TORCH_ZIP)
+    except pickle.UnpicklingError as e:
+        reason = " ".join(line for line in str(e).splitlines()[2:] if line.strip())[:300]
+        raise UnsafeCheckpointError(
+            f"{file}: refused to load: it holds objects other than plain tensors, which could run code "
+            f"when unpickled ({reason}); expected only tensors"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(
+            f"{file}: truncated or corrupt PyTorch file ({e}); cannot read its tensors"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file}: expected a dict of tensors, got {type(obj).__name__}")
+    for name, value in obj.items():
+        if not isinstance(name, str) or not isinstance(value, Tensor):
+            raise CheckpointError(f"{file}: entry {name!r} is a {type(value).__name__}; expected a tensor")
+    return obj
+
+
+# ==================================================================================== readers
+def _read_meta(found: DetectedCheckpoint) -> CheckpointContents:
+    assert found.config_file is not None  # detect() guarantees it for this format
+    params = read_json(found.config_file)
+    shards = [_torch_load(f) for f in found.weight_files]
+    files = found.weight_files
+    first = shards[0]
+    sources: list[TensorSource] = []
+    for name in first:
+        if keymaps.is_ignored(name, keymaps.META_IGNORED):
+            continue
+        try:
+            dim = keymaps.split_dim(name)
+        except KeyError:
+            raise CheckpointError(
+                f"{files[0]}: unexpected tensor {name!r}; not a Llama 2 parameter"
+            ) from None
+        parts: list[Tensor] = []
+        for f, shard in zip(files, shards, strict=True):
+            if name not in shard:
+                raise CheckpointError(f"{f}: missing tensor {name!r} (present in shard {files[0].name})")
+            parts.append(shard[name])
+        shape = list(parts[0].shape)
+        if dim is not None and len(parts) > 1:
+            for f, p in zip(files, parts, strict=True):
+                if p.dim() != len(shape) or any(
+                    a != b for i, (a, b) in enumerate(zip(p.shape, shape, strict=True)) if i != dim
+                ):
+                    raise CheckpointError(
+                        f"{f}: tensor {name!r} has shape {list(p.shape)}, which does not match shard "
+                        f"{files[0].name}'s {shape} outside split dim {dim}"
+                    )
+            shape[dim] = sum(p.shape[dim] for p in parts)
+        sources.append(TensorSource(name, files[0], tuple(shape), parts[0].dtype, _merge_loader(parts, dim)))
+    for f, shard in zip(files[1:], shards[1:], strict=True):
+        for name in shard:
+            if name not in first and not keymaps.is_ignored(name, keymaps.META_IGNORED):
+                raise CheckpointError(f"{f}: unexpected tensor {name!r} (absent from shard {files[0].name})")
+    emb = next((s for s in sources if s.name == "tok_embeddings.weight"), None)
+    vocab = emb.shape[0] if emb is not None and params.get("vocab_size", -1) in (-1, None) else None
+    if vocab is None and params.get("vocab_size", -1) in (-1, None):
+        raise CheckpointError(
+            f"{files[0]}: missing tensor 'tok_embeddings.weight' (needed for vocab_size -1)"
+        )
+    try:
+        args = ModelArgs.from_params_json(params, vocab_size=vocab)
+    except ConfigError as e:
+        raise _config_error(found.config_file, e) from None
+    return CheckpointContents(CheckpointFormat.META, args, sources, files, found.root)
+
+
+def _merge_loader(parts: list[Tensor], dim: int | None) -> Callable[[], Tensor]:
+    def load() -> Tensor:
+        if dim is None or len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, dim=dim)  # one merged copy; the shards stay memory-mapped
+
+    return load
+
+
+class _SafetensorsFile:
+    """A safetensors file opened lazily: header parsed now, tensors read on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header, _ = read_safetensors_header(path)
+        meta = self.header.get("__metadata__") or {}
+        self.metadata: dict[str, str] = {str(k): str(v) for k, v in meta.items()}
+        self._handle: Any = None
+
+    def names(self) -> list[str]:
+        return [k for k in self.header if k != "__metadata__"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.header[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self.header[name].get("dtype")
+        if code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {code!r}")
+        return SAFETENSORS_DTYPES[code]
+
+    def get(self, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        try:
+            if self._handle is None:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            return self._handle.get_tensor(name)  # type: ignore[no-any-return]
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({e})") from None
+
+
+_RawTensor = tuple[Path, str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]
+
+
+def _tensor_iter(found: DetectedCheckpoint) -> Iterator[_RawTensor]:
+    """(file, stored name, shape, dtype, loader) of every tensor in the checkpoint's weight files."""
+    for f in found.weight_files:
+        if sniff(f) is FileKind.SAFETENSORS:
+            st = _SafetensorsFile(f)
+            for name in st.names():
+                yield f, name, st.shape(name), st.dtype(name), functools.partial(st.get, name)
+        else:
+            sd = _torch_load(f)
+            for name, t in sd.items():
+                yield f, name, tuple(t.shape), t.dtype, functools.partial(_identity, t)
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _read_hf(found: DetectedCheckpoint) -> CheckpointContents:
+    assert found.config_file is not None
+    config = read_json(found.config_file)
+    try:
+        args = ModelArgs.from_hf_config(config)
+    except ConfigError as e:
+        raise _config_error(found.config_file, e) from None
+    sources: list[TensorSource] = []
+    metadata: dict[str, str] = {}
+    if found.file_kind is FileKind.SAFETENSORS:
+        metadata = _SafetensorsFile(found.weight_files[0]).metadata
+    for f, hf_name, shape, dtype, loader in _tensor_iter(found):
+        if keymaps.is_ignored(hf_name, keymaps.HF_IGNORED):
+            continue
+        name = keymaps.rename(hf_name, keymaps.HF_TO_META)
+        if name is None:
+            raise CheckpointError(f"{f}: unexpected tensor {hf_name!r}; not a LlamaForCausalLM parameter")
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = args.n_heads if name.endswith("wq.weight") else args.kv_heads
+            loader = _permuted(loader, heads)
+        sources.append(TensorSource(name, f, shape, dtype, loader))
+    return CheckpointContents(CheckpointFormat.HF, args, sources, found.weight_files, found.root, metadata)
+
+
+def _permuted(loader: Callable[[], Tensor], n_heads: int) -> Callable[[], Tensor]:
+    def load() -> Tensor:
+        return keymaps.hf_to_meta_qk(loader(), n_heads).contiguous()
+
+    return load
+
+
+def _read_ours(found: DetectedCheckpoint) -> CheckpointContents:
+    assert found.config_file is not None
+    params = read_json(found.config_file)
+    try:
+        args = ModelArgs.from_params_json(params)
+    except ConfigError as e:
+        raise _config_error(found.config_file, e) from None
+    sources: list[TensorSource] = []
+    metadata: dict[str, str] = {}
+    for f in found.weight_files:
+        st = _SafetensorsFile(f)
+        metadata.update(st.metadata)
+        for name in st.names():
+            loader = functools.partial(st.get, name)
+            sources.append(TensorSource(name, f, st.shape(name), st.dtype(name), loader))
+    return CheckpointContents(
+        CheckpointFormat.LLAMA2, args, sources, found.weight_files, found.root, metadata
+    )
+
+
+def _read_llama2c(found: DetectedCheckpoint) -> CheckpointContents:
+    file = found.weight_files[0]
+    header = read_llama2c_header(file)
+    if header is None:
+        raise CheckpointError(f"{file}: not a llama2.c file (its header holds no plausible model shape)")
+    size = file.stat().st_size
+    offset = header.header_bytes
+    layout: list[tuple[str, tuple[int, ...], int]] = []  # (name, shape, byte offset)
+    for name, shape in header.tensor_shapes():
+        nbytes = 4 * int(np.prod(shape))
+        if offset + nbytes > size:
+            raise CheckpointError(
+                f"{file}: truncated llama2.c file: tensor {name!r} needs bytes {offset}..{offset + nbytes} "
+                f"but the file has {size} bytes"
+            )
+        layout.append((name, shape, offset))
+        offset += nbytes
+    if offset != size:
+        raise CheckpointError(
+            f"{file}: llama2.c file has {size - offset} bytes after the last tensor; expected exactly "
+            f"{offset} bytes for the shape in its header"
+        )
+    # Copy-on-write map: pages are read lazily and never written back to the file.
+    data = np.memmap(file, dtype=np.float32, mode="c", offset=header.header_bytes)
+    base = header.header_bytes
+
+    def view(shape: tuple[int, ...], byte_offset: int) -> Callable[[], Tensor]:
+        start = (byte_offset - base) // 4
+        count = int(np.prod(shape))
+        return lambda: torch.from_numpy(data[start : start + count]).view(shape)
+
+    sources: list[TensorSource] = []
+    emb_loader: Callable[[], Tensor] | None = None
+    for name, shape, byte_offset in layout:
+        if name in keymaps.LLAMA2C_ROPE_TABLES:
+            continue
+        loader = view(shape, byte_offset)
+        if name == "tok_embeddings.weight":
+            emb_loader = loader
+        sources.append(TensorSource(name, file, shape, torch.float32, loader))
+    if header.shared_classifier and emb_loader is not None:
+        shared = emb_loader  # Llama 2's head is untied: give the output its own copy
+        sources.append(
+            TensorSource(
+                "output.weight",
+                file,
+                (header.vocab_size, header.dim),
+                torch.float32,
+                lambda: shared().clone(),
+            )
+        )
+    try:
+        args = ModelArgs(
+            dim=header.dim,
+            n_layers=header.n_layers,
+            n_heads=header.n_heads,
+            n_kv_heads=None if header.n_kv_heads == header.n_heads else header.n_kv_heads,
+            vocab_size=header.vocab_size,
+            hidden_dim=header.hidden_dim,
+            norm_eps=LLAMA2C_NORM_EPS,
+            rope_theta=LLAMA2C_ROPE_THETA,
+            max_seq_len=header.seq_len,
+        )
+    except ConfigError as e:
+        raise _config_error(file, e) from None
+    return CheckpointContents(
+        CheckpointFormat.LLAMA2C, args, sources, (file,), found.root, {"llama2c_version": str(header.version)}
+    )

@@ -1,0 +1,303 @@
+"""The `llama2` command line: one-line errors with the right exit status, generate / chat / infill
+end to end on a tiny random model saved in our format, and config-driven commands."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "generation"))
+from gen_support import save_tiny_checkpoint
+
+import llama2.assets
+from llama2 import cli
+from llama2.api import Llama
+from llama2.errors import CheckpointError, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; with several on a busy machine each op waits for all."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def llama(ckpt: Path) -> Llama:
+    return Llama.build(ckpt, max_seq_len=None, max_batch_size=1, progress=False)
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- argument errors
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["generate"],  # --prompt is required
+        ["generate", "--prompt", "x", "--temperature", "-1"],
+        ["generate", "--prompt", "x", "--top-p", "1.5"],
+        ["generate", "--prompt", "x", "--max-new-tokens", "0"],
+        ["generate", "--prompt", "x", "--dtype", "int3"],
+        ["chat", "--top-k", "many"],
+        ["infill", "--prefix", "a"],  # --suffix is required
+    ],
+)
+def test_bad_arguments_one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llama2: error: ")
+
+
+def test_bad_arguments_via_python_m() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "llama2", "generate", "--top-p", "7"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("llama2: error: ") and "Traceback" not in proc.stderr
+
+
+def test_missing_embedded_model_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(llama2.assets, "MODELS_DIR", tmp_path / "models")
+    code, _, err = run(["generate", "--prompt", "Hi"], capsys)
+    assert code == 1
+    assert err.strip().splitlines() == [err.strip()]
+    assert "embedded model 'base' is not installed" in err
+    code, _, err = run(["chat", "--model", str(tmp_path / "nowhere"), "--message", "hi"], capsys)
+    assert code == 1 and "not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resolve_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llama2.assets, "MODELS_DIR", tmp_path)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "params.json").write_text("{}")
+    assert llama2.assets.resolve_model("code") == tmp_path / "code"
+    assert llama2.assets.resolve_model(tmp_path) == tmp_path
+    with pytest.raises(CheckpointError, match="'chat' is not installed"):
+        llama2.assets.resolve_model("chat")
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_generate_end_to_end(ckpt: Path, llama: Llama, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "generate",
+        "--model",
+        str(ckpt),
+        "--prompt",
+        "Hello",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+    ]
+    code, out, err = run(argv, capsys)
+    assert code == 0
+    [expected] = llama.text_completion(["Hello"], temperature=0.0, max_gen_len=6)
+    assert out == "Hello" + expected["generation"] + "\n"
+    assert "loading" in err
+    code, out, _ = run([*argv, "--no-echo", "--quiet"], capsys)
+    assert out == expected["generation"] + "\n"
+
+
+def test_generate_seeded_sampling_reproducible(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "generate",
+        "--model",
+        str(ckpt),
+        "--prompt",
+        "Hi",
+        "--seed",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--quiet",
+    ]
+    first = run(argv, capsys)
+    assert first[0] == 0 and run(argv, capsys) == first
+
+
+def test_chat_messages_end_to_end(ckpt: Path, llama: Llama, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["chat", "--model", str(ckpt), "--temperature", "0", "--max-new-tokens", "5", "--quiet"]
+    code, out, _ = run([*argv, "--system", "Be brief.", "--message", "Hi", "--message", "And you?"], capsys)
+    assert code == 0
+    [first] = llama.chat_completion(
+        [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]],
+        temperature=0.0,
+        max_gen_len=5,
+    )
+    dialog = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        first["generation"],
+        {"role": "user", "content": "And you?"},
+    ]
+    [second] = llama.chat_completion([dialog], temperature=0.0, max_gen_len=5)  # type: ignore[list-item]
+    assert out == second["generation"]["content"].strip() + "\n"
+
+
+def test_chat_repl_from_stdin(
+    ckpt: Path, llama: Llama, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n/reset\n[INST] no\nHi\n/exit\nnever read\n"))
+    argv = ["chat", "--model", str(ckpt), "--temperature", "0", "--max-new-tokens", "5", "--quiet"]
+    code, out, err = run(argv, capsys)
+    assert code == 0
+    [reply] = llama.chat_completion([[{"role": "user", "content": "Hi"}]], temperature=0.0, max_gen_len=5)
+    text = reply["generation"]["content"]
+    assert out == f"{text}\n{text}\n"  # /reset: the second "Hi" starts a new conversation
+    assert "special tags" in err or "[INST]" in err  # the bad line is reported, the REPL goes on
+
+
+def test_infill_end_to_end(ckpt: Path, llama: Llama, capsys: pytest.CaptureFixture[str]) -> None:
+    prefix, suffix = "def add(a, b):\n    ", "\n    return c\n"
+    argv = ["infill", "--model", str(ckpt), "--prefix", prefix, "--suffix", suffix, "--max-new-tokens", "6"]
+    code, out, _ = run([*argv, "--quiet"], capsys)
+    assert code == 0
+    [expected] = llama.text_infilling([prefix], [suffix], max_gen_len=6)  # default temperature 0 both
+    assert out == expected["generation"] + "\n"
+    code, out, _ = run([*argv, "--quiet", "--suffix-first", "--full"], capsys)
+    [spm] = llama.text_infilling([prefix], [suffix], max_gen_len=6, suffix_first=True)
+    assert out == spm["full_text"] + "\n"
+
+
+def test_infill_needs_code_tokenizer(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain = (
+        Path(__file__).resolve().parents[1]
+        / ".."
+        / "shared"
+        / "fixtures"
+        / "llama2-tokenizer"
+        / "tokenizer.model"
+    )
+    argv = [
+        "infill",
+        "--model",
+        str(ckpt),
+        "--tokenizer",
+        str(plain),
+        "--prefix",
+        "a",
+        "--suffix",
+        "b",
+        "--quiet",
+    ]
+    code, _, err = run(argv, capsys)
+    assert code == 1 and "▁<PRE>" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- config commands
+@dataclass
+class DemoConfig:
+    """A demo stage."""
+
+    data: Path
+    steps: int = 10
+    lr: float = 3e-4
+    name: str = "run"
+    resume: Path | None = None
+    tags: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    compile: bool = True
+    mode: Literal["fast", "slow"] = "fast"
+    limit: int | None = 5
+
+
+@pytest.fixture
+def demo(monkeypatch: pytest.MonkeyPatch) -> list[DemoConfig]:
+    seen: list[DemoConfig] = []
+    monkeypatch.setitem(
+        cli.TRAIN_COMMANDS, "demo", cli.ConfigCommand(DemoConfig, seen.append, "a demo stage")
+    )
+    return seen
+
+
+def test_config_command_precedence(
+    tmp_path: Path, demo: list[DemoConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text('data = "d.bin"\nsteps = 50\nlr = 1\ntags = ["a", "b"]\nmode = "slow"\ncompile = false\n')
+    code, _, err = run(["train", "demo", "--config", str(cfg), "--steps", "7", "--files", "x", "y"], capsys)
+    assert code == 0, err
+    [c] = demo
+    assert c == DemoConfig(
+        data=Path("d.bin"),
+        steps=7,  # flag beats file
+        lr=1.0,  # file beats default; int accepted for float
+        tags=["a", "b"],
+        files=[Path("x"), Path("y")],
+        compile=False,
+        mode="slow",
+    )
+    run(
+        ["train", "demo", "--data", "e", "--compile", "--no-compile", "--resume", "ck", "--limit", "none"],
+        capsys,
+    )
+    assert demo[1] == DemoConfig(data=Path("e"), compile=False, resume=Path("ck"), limit=None)
+
+
+def test_config_command_errors(
+    tmp_path: Path, demo: list[DemoConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('data = "d"\nstepz = 3\n')
+    code, _, err = run(["train", "demo", "--config", str(cfg)], capsys)
+    assert code == 1 and "unknown setting 'stepz'" in err and len(err.strip().splitlines()) == 1
+    cfg.write_text('data = "d"\nsteps = "many"\n')
+    code, _, err = run(["train", "demo", "--config", str(cfg)], capsys)
+    assert code == 1 and "'steps' must be int" in err
+    code, _, err = run(["train", "demo"], capsys)
+    assert code == 1 and "'data'" in err and "--data" in err
+    code, _, err = run(["train", "demo", "--data", "d", "--mode", "medium"], capsys)
+    assert code == 2 and err.startswith("llama2: error:")
+    code, _, err = run(["train", "demo", "--config", str(tmp_path / "missing.toml")], capsys)
+    assert code == 1 and "missing.toml" in err
+    cfg.write_text("data = [")
+    code, _, err = run(["train", "demo", "--config", str(cfg)], capsys)
+    assert code == 1 and "not valid TOML" in err
+    assert demo == []
+
+
+def test_add_config_command_directly() -> None:
+    parser = cli._Parser(prog="x")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    got: list[DemoConfig] = []
+    cli.add_config_command(sub, "demo", DemoConfig, got.append, "demo")
+    args = parser.parse_args(["demo", "--data", "d", "--tags", "t1", "t2", "--lr", "0.5"])
+    assert args._handler(args) == 0
+    assert got == [DemoConfig(data=Path("d"), tags=["t1", "t2"], lr=0.5)]
+    with pytest.raises(ConfigError):
+        cli._coerce(cli._field_type(int, "f"), True, "f", "src")  # bool is not an int

@@ -1,0 +1,44 @@
+"""Weight quantization: int8, int4 (gpt-fast), NF4 (QLoRA/bitsandbytes), GGUF Q8_0/Q4_0/Q4_K.
+
+Numerics live in one file per format; `linear.py` holds the drop-in modules and `convert.py`
+swaps them into a model and saves/loads the result with the scheme in safetensors metadata.
+"""
+
+from llama2.quant.convert import (
+    QuantConfig,
+    config_from_metadata,
+    load_quantized,
+    prepare_model,
+    quantization_metadata,
+    quantize_model,
+    save_quantized,
+)
+from llama2.quant.gguf_blocks import dequantize_gguf, quantize_gguf
+from llama2.quant.int4 import dequantize_int4, quantize_int4
+from llama2.quant.int8 import dequantize_int8, quantize_int8
+from llama2.quant.linear import GGUFLinear, Int4Linear, Int8Linear, NF4Linear, QuantizedLinear
+from llama2.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+
+__all__ = [
+    "GGUFLinear",
+    "Int4Linear",
+    "Int8Linear",
+    "NF4Linear",
+    "NF4Tensor",
+    "QuantConfig",
+    "QuantizedLinear",
+    "config_from_metadata",
+    "dequantize_gguf",
+    "dequantize_int4",
+    "dequantize_int8",
+    "dequantize_nf4",
+    "load_quantized",
+    "prepare_model",
+    "quantization_metadata",
+    "quantize_gguf",
+    "quantize_int4",
+    "quantize_int8",
+    "quantize_model",
+    "quantize_nf4",
+    "save_quantized",
+]

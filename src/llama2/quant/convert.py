@@ -1,0 +1,199 @@
+"""Swap a Transformer's linear layers for quantized ones, and save/load the result.
+
+`quantize_model(model, QuantConfig(...))` replaces `wq wk wv wo w1 w2 w3` in every block (and
+`output` when `include_output=True`) in place; embeddings and norms keep their dtype.
+`prepare_model(model, config)` swaps in *empty* quantized modules (on the layers' device, `meta`
+included) so a saved quantized state dict loads with `load_state_dict(sd, assign=True)` without
+re-quantizing. The scheme travels with the weights as safetensors metadata:
+`{"quantization": "{\"scheme\": \"nf4\", \"blocksize\": 64, \"double_quant\": true, ...}"}`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llama2.errors import CheckpointError, ConfigError
+from llama2.quant.int4 import INT4_GROUPSIZES
+from llama2.quant.linear import GGUFLinear, Int4Linear, Int8Linear, NF4Linear, QuantizedLinear
+from llama2.quant.nf4 import NF4_BLOCKSIZES
+
+SCHEMES = ("int8", "int4", "nf4", "q8_0", "q4_0", "q4_k")
+BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention and feed-forward projections
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+METADATA_KEY = "quantization"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a model's linear layers.
+
+    Attributes:
+        scheme: "int8", "int4", "nf4", "q8_0", "q4_0" or "q4_k".
+        groupsize: int4 values per scale/zero pair (32, 64, 128 or 256).
+        blocksize: NF4 values per absmax (QLoRA: 64).
+        double_quant: NF4 only: 8-bit quantize the absmax values (blocks of 256).
+        compute_dtype: "float32", "bfloat16", "float16", or None for the activations' dtype.
+        include_output: also quantize the output head (`output`).
+    """
+
+    scheme: str
+    groupsize: int = 128
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: str | None = None
+    include_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(
+                f"unknown quantization scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}"
+            )
+        if self.scheme == "int4" and self.groupsize not in INT4_GROUPSIZES:
+            raise ConfigError(f"int4 groupsize must be one of {INT4_GROUPSIZES}, got {self.groupsize}")
+        if self.scheme == "nf4" and self.blocksize not in NF4_BLOCKSIZES:
+            raise ConfigError(f"nf4 blocksize must be one of {NF4_BLOCKSIZES}, got {self.blocksize}")
+        if self.compute_dtype is not None and self.compute_dtype not in _DTYPES:
+            raise ConfigError(
+                f"compute_dtype must be one of {', '.join(_DTYPES)} or None, got {self.compute_dtype!r}"
+            )
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype | None:
+        return None if self.compute_dtype is None else _DTYPES[self.compute_dtype]
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The fields that describe this scheme, for checkpoint metadata."""
+        out: dict[str, Any] = {"scheme": self.scheme}
+        if self.scheme == "int4":
+            out["groupsize"] = self.groupsize
+        if self.scheme == "nf4":
+            out["blocksize"] = self.blocksize
+            out["double_quant"] = self.double_quant
+        out["compute_dtype"] = self.compute_dtype
+        out["include_output"] = self.include_output
+        return out
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> QuantConfig:
+        """Inverse of `to_metadata`; raises ConfigError on unknown keys or values."""
+        known = {"scheme", "groupsize", "blocksize", "double_quant", "compute_dtype", "include_output"}
+        extra = set(meta) - known
+        if "scheme" not in meta or extra:
+            raise ConfigError(
+                f"quantization metadata needs 'scheme' and only the keys {sorted(known)}; got {sorted(meta)}"
+            )
+        return cls(**meta)
+
+
+def _make(linear: nn.Linear, config: QuantConfig, quantize: bool) -> QuantizedLinear:
+    """A quantized module for `linear`: quantized from its weight, or empty (for loading)."""
+    cd = config.torch_compute_dtype
+    n_in, n_out, dev = linear.in_features, linear.out_features, linear.weight.device
+    if linear.bias is not None:
+        raise ConfigError("quantized linear layers support bias-free nn.Linear only (Llama has no biases)")
+    s = config.scheme
+    if s == "int8":
+        return Int8Linear.from_linear(linear, cd) if quantize else Int8Linear(n_in, n_out, cd, dev)
+    if s == "int4":
+        if quantize:
+            return Int4Linear.from_linear(linear, config.groupsize, cd)
+        return Int4Linear(n_in, n_out, config.groupsize, cd, dev)
+    if s == "nf4":
+        if quantize:
+            return NF4Linear.from_linear(linear, config.blocksize, config.double_quant, cd)
+        return NF4Linear(n_in, n_out, config.blocksize, config.double_quant, cd, dev)
+    return GGUFLinear.from_linear(linear, s, cd) if quantize else GGUFLinear(n_in, n_out, s, cd, dev)
+
+
+def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Linear]]:
+    found: list[tuple[nn.Module, str, nn.Linear]] = []
+    for prefix, parent in model.named_modules():
+        for name, child in parent.named_children():
+            is_target = name in BLOCK_LINEARS or (config.include_output and name == "output" and prefix == "")
+            if is_target and isinstance(child, nn.Linear):
+                found.append((parent, name, child))
+    return found
+
+
+def _swap(model: nn.Module, config: QuantConfig, quantize: bool) -> nn.Module:
+    targets = _targets(model, config)
+    if not targets:
+        raise ConfigError(
+            f"no linear layers named {', '.join(BLOCK_LINEARS)} found to quantize; "
+            "is this a llama2 Transformer?"
+        )
+    for parent, name, linear in targets:
+        try:
+            new = _make(linear, config, quantize)
+        except ConfigError as err:
+            raise ConfigError(
+                f"cannot quantize layer {name!r} ({linear.out_features}x{linear.in_features}): {err}"
+            ) from err
+        setattr(parent, name, new)
+    return model
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Quantize the model's projection layers in place (and `output` if asked); returns the model.
+
+    Args:
+        model: a `llama2.model.Transformer` (or any module with layers named wq..w3) with real weights.
+        config: the scheme and its options.
+    """
+    return _swap(model, config, quantize=True)
+
+
+def prepare_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Swap in empty quantized modules (same device as the float layers, `meta` works) so that a
+    quantized state dict can be loaded with `model.load_state_dict(sd, assign=True)`."""
+    return _swap(model, config, quantize=False)
+
+
+def quantization_metadata(config: QuantConfig) -> dict[str, str]:
+    """safetensors metadata recording the scheme: {"quantization": json}."""
+    return {METADATA_KEY: json.dumps(config.to_metadata(), sort_keys=True)}
+
+
+def config_from_metadata(metadata: dict[str, str] | None) -> QuantConfig | None:
+    """The QuantConfig recorded in safetensors metadata, or None if the file is not quantized."""
+    if not metadata or METADATA_KEY not in metadata:
+        return None
+    try:
+        meta = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"quantization metadata is not valid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"quantization metadata must be a JSON object, got {type(meta).__name__}")
+    return QuantConfig.from_metadata(meta)
+
+
+def save_quantized(model: nn.Module, config: QuantConfig, path: Path | str) -> None:
+    """Write the (quantized) model's state dict to one safetensors file with the scheme in metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(Path(path)), metadata=quantization_metadata(config))
+
+
+def load_quantized(path: Path | str, device: str = "cpu") -> tuple[dict[str, Tensor], QuantConfig]:
+    """Read a file written by `save_quantized`: (state dict, QuantConfig)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"quantized checkpoint {p} does not exist")
+    with safe_open(str(p), framework="pt", device=device) as f:
+        config = config_from_metadata(f.metadata())
+        if config is None:
+            raise CheckpointError(
+                f"{p} has no '{METADATA_KEY}' metadata; it was not written by save_quantized"
+            )
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    return state, config

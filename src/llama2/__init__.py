@@ -17,6 +17,7 @@ __all__ = [
     "ConfigError",
     "DialogError",
     "GenerationError",
+    "Llama",
     "Llama2Error",
     "ModelArgs",
     "RopeScaling",
@@ -24,3 +25,12 @@ __all__ = [
     "UnsafeCheckpointError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # `from llama2 import Llama` without importing torch for `import llama2` alone.
+    if name == "Llama":
+        from llama2.api import Llama
+
+        return Llama
+    raise AttributeError(f"module 'llama2' has no attribute {name!r}")

@@ -248,6 +248,13 @@ def _cmd_infill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from llama2.serve.server import config_from_args, run_server
+
+    run_server(config_from_args(args))
+    return 0
+
+
 # ================================================================================ config commands
 @dataclass(frozen=True)
 class ConfigCommand:
@@ -276,13 +283,70 @@ def register_eval_command(
     EVAL_COMMANDS[name] = ConfigCommand(config_cls, runner, help)
 
 
-def _register_builtin_commands() -> None:
-    """Where the project's trainers and evaluators are registered (imports stay inside, so that
-    `llama2 generate` does not import the training code), e.g.
+# Built-in config commands: group -> name -> (module, config class, runner, help). Modules are
+# imported only when their group is on the command line, so `llama2 generate` never imports trainers.
+BUILTIN_COMMANDS: dict[str, dict[str, tuple[str, str, str, str]]] = {
+    "train": {
+        "tokenizer": (
+            "llama2.train.tokenizer",
+            "TokenizerTrainConfig",
+            "train_tokenizer",
+            "train a SentencePiece BPE tokenizer with Llama 2's settings",
+        ),
+        "pretrain": (
+            "llama2.train.pretrain",
+            "PretrainConfig",
+            "run_pretrain",
+            "pretrain a Llama 2-architecture model on text (the paper's recipe as defaults)",
+        ),
+        "code": (
+            "llama2.train.code",
+            "CodePretrainConfig",
+            "run_code_pretrain",
+            "pretrain a code model with Code Llama's fill-in-the-middle objective",
+        ),
+        "sft": (
+            "llama2.train.sft",
+            "SFTConfig",
+            "run_sft",
+            "supervised fine-tuning on chat dialogs (full or LoRA), loss on assistant tokens only",
+        ),
+    },
+    "eval": {
+        "perplexity": (
+            "llama2.eval.perplexity",
+            "PerplexityConfig",
+            "run_perplexity",
+            "mean NLL per token and perplexity of a model on a text or token file",
+        ),
+        "exact-match": (
+            "llama2.eval.exact_match",
+            "ExactMatchConfig",
+            "run_exact_match",
+            "greedy chat answers scored by the instruction suite's checkers",
+        ),
+        "infill": (
+            "llama2.eval.infill_eval",
+            "InfillEvalConfig",
+            "run_infill_eval",
+            "held-out fill-in-the-middle accuracy of a code model",
+        ),
+    },
+}
 
-        from llama2.train.pretrain import PretrainConfig, run_pretrain
-        register_train_command("pretrain", PretrainConfig, run_pretrain, "pretrain a base model")
-    """
+
+def _register_builtin_commands(groups: Sequence[str]) -> None:
+    """Import and register the built-in commands of the given groups ("train", "eval")."""
+    import importlib
+
+    for group in groups:
+        registry = TRAIN_COMMANDS if group == "train" else EVAL_COMMANDS
+        for name, (module_name, cls_name, runner_name, help_text) in BUILTIN_COMMANDS[group].items():
+            if name not in registry:
+                module = importlib.import_module(module_name)
+                registry[name] = ConfigCommand(
+                    getattr(module, cls_name), getattr(module, runner_name), help_text
+                )
 
 
 @dataclass(frozen=True)
@@ -513,9 +577,11 @@ def add_config_command(
 
 
 # ================================================================================ parser
-def build_parser() -> argparse.ArgumentParser:
-    """The full `llama2` argument parser."""
-    _register_builtin_commands()
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `llama2` argument parser. The `train`/`eval` sub-commands get their full flags only when
+    `argv` names that group (their modules are imported lazily)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    _register_builtin_commands([g for g in BUILTIN_COMMANDS if g in words[:1]])
     parser = _Parser(prog=PROG, description="The Llama 2 system: generate, chat, infill, train, evaluate.")
     from llama2 import __version__
 
@@ -552,17 +618,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, "code", 0.0)
     p.set_defaults(_handler=_cmd_infill)
 
+    serve_help = "OpenAI-compatible HTTP server with continuous batching (127.0.0.1 by default)"
+    p = sub.add_parser("serve", help=serve_help, description=serve_help)
+    if words[:1] == ["serve"]:  # FastAPI/uvicorn are imported only for this command
+        from llama2.serve.server import add_arguments
+
+        add_arguments(p)
+        p.set_defaults(_handler=_cmd_serve)
+
     for group, registry, what in (("train", TRAIN_COMMANDS, "STAGE"), ("eval", EVAL_COMMANDS, "KIND")):
-        gp = sub.add_parser(group, help=f"{group} commands ({', '.join(registry) or 'none registered'})")
+        names = list(dict.fromkeys([*BUILTIN_COMMANDS[group], *registry]))
+        gp = sub.add_parser(group, help=f"{group} commands: {', '.join(names)}")
         gsub = gp.add_subparsers(dest=group + "_command", metavar=what, required=True)
-        for name, cmd in registry.items():
-            add_config_command(gsub, name, cmd.config_cls, cmd.runner, cmd.help)
+        for name in names:
+            if name in registry:
+                cmd = registry[name]
+                add_config_command(gsub, name, cmd.config_cls, cmd.runner, cmd.help)
+            else:  # listed for --help; its flags are built when the group is on the command line
+                gsub.add_parser(name, help=BUILTIN_COMMANDS[group][name][3])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `llama2` command line; returns the exit status."""
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args._handler(args))

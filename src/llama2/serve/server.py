@@ -1,0 +1,314 @@
+"""Run the OpenAI-compatible server with uvicorn: `run_server(ServeConfig(model_path=...))`.
+
+Binds to 127.0.0.1 unless told otherwise. On SIGTERM/SIGINT uvicorn stops accepting connections,
+lets in-flight requests (streams included) finish for up to `drain_timeout_s`, then the app's
+shutdown drains and stops the engine thread, and the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from llama2.errors import ConfigError
+from llama2.serve.app import AppSettings, create_app
+from llama2.serve.metrics import ServeMetrics
+from llama2.serve.scheduler import Engine, EngineConfig
+from llama2.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from llama2.model import Transformer
+
+log = logging.getLogger("llama2.serve")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `llama2 serve` needs; the model is fixed here at start-up.
+
+    Attributes:
+        model_path: checkpoint folder or file (any format `load_model` reads).
+        tokenizer_path: `tokenizer.model` or GGUF; default: the one next to the checkpoint.
+        model_name: id shown in `/v1/models` (default: the checkpoint folder's name).
+        host: interface to bind; 127.0.0.1 keeps the server local.
+        port: TCP port; 0 picks a free one (the chosen port is printed).
+        api_keys: accepted bearer keys (none: no authentication).
+        api_key_file: a file with one key per line (`#` comments and blank lines skipped).
+        max_slots: sequences decoded together (KV-cache rows).
+        max_seq_len: context window (default: the checkpoint's).
+        max_queue: sequences that may wait for a slot before requests get 429.
+        prefill_chunk: prompt tokens per prefill forward.
+        prefill_budget: prompt tokens prefilled per engine step.
+        max_body_bytes: request bodies above this get 413.
+        max_prompt_tokens: prompts above this get 400 (default: the context window).
+        max_sequences_per_request: cap on `n` times the number of prompts.
+        chat_special_tags: "reject" (400) or "sanitize" special chat tags inside messages.
+        drain_timeout_s: how long SIGTERM waits for in-flight requests.
+        device: torch device of the model.
+        dtype: weight dtype name (float32, bfloat16, float16); None keeps the checkpoint's.
+        threads: torch intra-op threads (None: torch's default).
+        log_level: uvicorn's log level.
+    """
+
+    model_path: Path | None = None
+    tokenizer_path: Path | None = None
+    model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    api_key_file: Path | None = None
+    max_slots: int = 8
+    max_seq_len: int | None = None
+    max_queue: int = 64
+    prefill_chunk: int = 128
+    prefill_budget: int = 256
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_prompt_tokens: int | None = None
+    max_sequences_per_request: int = 16
+    chat_special_tags: Literal["reject", "sanitize"] = "reject"
+    drain_timeout_s: float = 30.0
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None
+    log_level: str = "info"
+
+    def all_api_keys(self) -> tuple[str, ...]:
+        """Keys from `api_keys` and `api_key_file`.
+
+        Raises:
+            ConfigError: the key file is missing or holds no key.
+        """
+        keys = [k for k in self.api_keys if k]
+        if self.api_key_file is not None:
+            path = Path(self.api_key_file)
+            if not path.is_file():
+                raise ConfigError(
+                    f"API key file {path} does not exist; expected a file with one key per line"
+                )
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            file_keys = [ln for ln in lines if ln and not ln.startswith("#")]
+            if not file_keys:
+                raise ConfigError(f"API key file {path} holds no key; expected one key per line")
+            keys += file_keys
+        return tuple(keys)
+
+
+def build_app(
+    config: ServeConfig, *, model: Transformer | None = None, tokenizer: Tokenizer | None = None
+) -> tuple[FastAPI, Engine]:
+    """Load the model (unless given), build the engine and the app.
+
+    Args:
+        config: server settings.
+        model: an already built model (tests, benchmarks); otherwise `config.model_path` is loaded.
+        tokenizer: its tokenizer; otherwise read from `config.tokenizer_path` or the checkpoint.
+
+    Returns:
+        The app and its (not yet started) engine.
+
+    Raises:
+        ConfigError: no model, no tokenizer, or a bad setting.
+        CheckpointError: the checkpoint cannot be read.
+    """
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    tokenizer_path = config.tokenizer_path
+    name = config.model_name
+    if model is None:
+        if config.model_path is None:
+            raise ConfigError("no model given; pass a checkpoint path (ServeConfig.model_path / --model)")
+        from llama2.checkpoint.load import load_model
+
+        dtype = _DTYPES.get(config.dtype) if config.dtype else None
+        if config.dtype and dtype is None:
+            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
+        loaded = load_model(
+            config.model_path, device=config.device, dtype=dtype, max_seq_len=config.max_seq_len
+        )
+        model = loaded.model
+        tokenizer_path = tokenizer_path or loaded.tokenizer_path
+        name = name or Path(config.model_path).resolve().name
+    if tokenizer is None:
+        if tokenizer_path is None:
+            raise ConfigError(
+                "no tokenizer found next to the checkpoint; "
+                "pass one (ServeConfig.tokenizer_path / --tokenizer)"
+            )
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+    model.eval()
+    metrics = ServeMetrics()
+    engine = Engine(
+        model,
+        tokenizer,
+        EngineConfig(
+            max_slots=config.max_slots,
+            max_seq_len=config.max_seq_len,
+            max_queue=config.max_queue,
+            prefill_chunk=config.prefill_chunk,
+            prefill_budget=config.prefill_budget,
+        ),
+        metrics,
+    )
+    settings = AppSettings(
+        model_name=name or "llama2",
+        api_keys=config.all_api_keys(),
+        max_body_bytes=config.max_body_bytes,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_sequences_per_request=config.max_sequences_per_request,
+        chat_special_tags=config.chat_special_tags,
+        drain_timeout_s=config.drain_timeout_s,
+    )
+    return create_app(engine, tokenizer, settings, metrics), engine
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0: the OS picks a free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(
+    config: ServeConfig, *, model: Transformer | None = None, tokenizer: Tokenizer | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight requests and return.
+
+    Prints `llama2 serve: listening on http://HOST:PORT` on stdout once the socket is bound.
+
+    Args:
+        config: server settings (see `ServeConfig`).
+        model: optional prebuilt model (else `config.model_path` is loaded).
+        tokenizer: optional prebuilt tokenizer.
+    """
+    import uvicorn
+
+    app, _ = build_app(config, model=model, tokenizer=tokenizer)
+    keys = config.all_api_keys()
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        log.warning(
+            "serving on %s without API keys: anyone who can reach this port can use the model", config.host
+        )
+    sock = bind_socket(config.host, config.port)
+    port = sock.getsockname()[1]
+    uv_config = uvicorn.Config(
+        app,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=int(max(1, config.drain_timeout_s)),
+        access_log=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(uv_config)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"llama2 serve: listening on http://{host}:{port}", flush=True)
+    # uvicorn re-raises a captured SIGTERM once it has drained, which would kill the process with
+    # status -15; after a clean drain we return normally instead (exit status 0).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _ignore_signal) if main_thread else None
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    log.info("llama2 serve: drained and stopped")
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    """Handler restored by uvicorn after its graceful shutdown; the drain is already done."""
+
+
+# ------------------------------------------------------------------------------ CLI wiring
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `llama2 serve`'s options to a parser (the lead's cli.py calls this)."""
+    d = ServeConfig()
+    parser.add_argument(
+        "--model",
+        default="chat",
+        help="checkpoint folder or file, or an embedded model name: base, chat, code (default: chat)",
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="tokenizer.model or GGUF (default: beside the model)"
+    )
+    parser.add_argument("--model-name", default=None, help="id shown in /v1/models (default: folder name)")
+    parser.add_argument("--host", default=d.host, help="interface to bind (default 127.0.0.1: local only)")
+    parser.add_argument("--port", type=int, default=d.port, help="TCP port (0: any free port)")
+    parser.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable)")
+    parser.add_argument("--api-key-file", type=Path, default=None, help="file with one API key per line")
+    parser.add_argument("--max-slots", type=int, default=d.max_slots, help="sequences decoded together")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="context window (default: the model's)")
+    parser.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting sequences before 429")
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=d.prefill_chunk, help="prompt tokens per prefill call"
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body cap (413)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="prompt length cap (400)")
+    parser.add_argument(
+        "--chat-special-tags",
+        choices=("reject", "sanitize"),
+        default=d.chat_special_tags,
+        help="what to do with [INST]/<<SYS>> tags inside chat messages",
+    )
+    parser.add_argument(
+        "--drain-timeout", type=float, default=d.drain_timeout_s, help="seconds SIGTERM waits"
+    )
+    parser.add_argument("--device", default=d.device, help="torch device")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weight dtype")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--log-level", default=d.log_level, help="uvicorn log level")
+
+
+def config_from_args(ns: argparse.Namespace) -> ServeConfig:
+    """The `ServeConfig` of parsed `add_arguments` options."""
+    from llama2.assets import resolve_model
+
+    return ServeConfig(
+        model_path=resolve_model(ns.model),
+        tokenizer_path=ns.tokenizer,
+        model_name=ns.model_name,
+        host=ns.host,
+        port=ns.port,
+        api_keys=tuple(ns.api_key),
+        api_key_file=ns.api_key_file,
+        max_slots=ns.max_slots,
+        max_seq_len=ns.max_seq_len,
+        max_queue=ns.max_queue,
+        prefill_chunk=ns.prefill_chunk,
+        max_body_bytes=ns.max_body_bytes,
+        max_prompt_tokens=ns.max_prompt_tokens,
+        chat_special_tags=ns.chat_special_tags,
+        drain_timeout_s=ns.drain_timeout,
+        device=ns.device,
+        dtype=ns.dtype,
+        threads=ns.threads,
+        log_level=ns.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llama2.serve.server --model PATH ...`."""
+    parser = argparse.ArgumentParser(prog="llama2 serve", description="OpenAI-compatible server")
+    add_arguments(parser)
+    run_server(config_from_args(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

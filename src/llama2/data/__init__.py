@@ -1,0 +1,1 @@
+"""Data: corpora -> token files, packing into training sequences (and SFT data in sibling modules)."""

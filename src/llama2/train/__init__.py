@@ -1,0 +1,1 @@
+"""Training: tokenizer training, the shared loop, pretraining (and SFT/LoRA stages by other modules)."""

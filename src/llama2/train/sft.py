@@ -1,0 +1,211 @@
+"""Supervised fine-tuning (Llama 2 paper, sec. 3.1): full fine-tuning or LoRA on chat dialogs.
+
+`run_sft(SFTConfig(...))` is the whole stage:
+
+1. load the base checkpoint (any format `llama2.checkpoint.load.load_model` reads) in float32;
+2. read the dialogs (`llama2.data.sft.load_dialogs`), encode them in the Llama 2-Chat format with the
+   answer-only loss mask, and pack several per row (`llama2.data.sft`; attention may cross dialogs,
+   see there); hold out `val_fraction` of them (or read `val_data`);
+3. with `lora_rank > 0`, swap the `lora_targets` linears for `LoRALinear` and train only the
+   adapters; else train every weight;
+4. run `llama2.train.loop.train` with `sft_loss` (mean cross-entropy over answer tokens);
+5. save: full fine-tuning writes the model to `<out_dir>/model`; LoRA writes the adapters to
+   `<out_dir>/adapter` (`adapter.safetensors` + `adapter_config.json`) and, with `merge = true`,
+   also the merged full model to `<out_dir>/model`.
+
+Defaults follow the paper's SFT recipe (lr 2e-5, cosine schedule, weight decay 0.1, 2 epochs) except
+where a small model needs otherwise — set `lr`, `max_steps` in the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama2.checkpoint.load import load_model
+from llama2.config import ModelArgs
+from llama2.data.sft import (
+    SFTBatches,
+    SFTExample,
+    encode_examples,
+    fixed_sft_batches,
+    load_dialogs,
+    pack_examples,
+    sft_loss,
+)
+from llama2.errors import ConfigError
+from llama2.tokenizer import Tokenizer
+from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, save_resolved_config, train
+from llama2.train.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
+from llama2.train.pretrain import save_model
+
+
+@dataclass
+class SFTConfig(LoopConfig):
+    """`llama2 train sft`: every LoopConfig field, plus data, base model and LoRA fields."""
+
+    base: Path = Path("base")  # base checkpoint (folder or file, any supported format)
+    data: Path = Path("sft.jsonl")  # JSONL of {"messages": [{"role", "content"}, ...]}
+    val_data: Path | None = None  # held-out dialogs; None: hold out val_fraction of `data`
+    val_fraction: float = 0.05
+    tokenizer: Path | None = None  # default: the tokenizer.model next to the base checkpoint
+    seq_len: int = 0  # packed row length; 0: the base model's max_seq_len
+    lora_rank: int = 0  # 0: full fine-tuning; > 0: LoRA with this rank
+    lora_alpha: float = 16.0  # LoRA update scale numerator (scale = alpha / rank)
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wv"])  # linears that get adapters
+    merge: bool = False  # LoRA only: also write the merged full model to <out_dir>/model
+    save_dtype: str = "float32"  # dtype of saved full models: float32 | bfloat16 | float16
+    resume: bool = False  # continue from <out_dir>/checkpoints/latest
+    lr: float = 2e-5  # the paper's SFT learning rate
+    warmup_steps: int = 10
+
+    def loop_config(self) -> LoopConfig:
+        names = {f.name for f in dataclasses.fields(LoopConfig)}
+        return LoopConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    def lora_config(self) -> LoRAConfig | None:
+        if self.lora_rank <= 0:
+            return None
+        return LoRAConfig(
+            rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+            target_modules=list(self.lora_targets),
+        )  # fmt: skip
+
+
+@dataclass
+class SFTResult:
+    """What `run_sft` produced."""
+
+    train: TrainResult
+    args: ModelArgs
+    model_dir: Path | None  # the full (or merged) model, None for LoRA without merge
+    adapter_dir: Path | None  # LoRA adapters, None for full fine-tuning
+    n_trainable: int
+    n_train_dialogs: int
+    n_val_dialogs: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def split_examples(
+    examples: list[SFTExample], val_fraction: float, seed: int
+) -> tuple[list[SFTExample], list[SFTExample]]:
+    """(train, validation): `val_fraction` of the examples, chosen by a seeded shuffle."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * len(examples)))
+    if n_val >= len(examples):
+        raise ConfigError(f"val_fraction {val_fraction} leaves no training dialogs out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(f"sft-split/{seed}").shuffle(order)
+    val_ids = set(order[:n_val])
+    return (
+        [e for i, e in enumerate(examples) if i not in val_ids],
+        [e for i, e in enumerate(examples) if i in val_ids],
+    )
+
+
+def run_sft(cfg: SFTConfig) -> SFTResult:
+    """Fine-tune `cfg.base` on `cfg.data` (see the module docstring).
+
+    Returns:
+        An `SFTResult` with the loop summary and the saved folders.
+
+    Raises:
+        ConfigError: bad settings, no tokenizer found, or rows longer than the model's context.
+        CheckpointError / DialogError: unreadable base checkpoint or malformed dialogs.
+    """
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.save_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"save_dtype must be float32, bfloat16 or float16, got {cfg.save_dtype!r}")
+    lora_cfg = cfg.lora_config()
+    if cfg.merge and lora_cfg is None:
+        raise ConfigError(
+            "merge = true needs LoRA (lora_rank > 0); full fine-tuning already saves a full model"
+        )
+
+    loaded = load_model(cfg.base, dtype=torch.float32, progress=False)
+    model, args = loaded.model, loaded.args
+    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else loaded.tokenizer_path
+    if tok_path is None:
+        raise ConfigError(f"no tokenizer.model next to {cfg.base}; set `tokenizer` in the SFT config")
+    tokenizer = Tokenizer.from_file(tok_path)
+    if tokenizer.vocab_size != args.vocab_size:
+        raise ConfigError(
+            f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces "
+            f"but the model's vocabulary is {args.vocab_size}"
+        )
+    seq_len = cfg.seq_len or args.max_seq_len
+    if seq_len > args.max_seq_len:
+        raise ConfigError(f"seq_len {seq_len} exceeds the base model's context window {args.max_seq_len}")
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+
+    examples = encode_examples(load_dialogs(cfg.data), tokenizer)
+    if cfg.val_data is not None:
+        train_ex, val_ex = examples, encode_examples(load_dialogs(cfg.val_data), tokenizer)
+    else:
+        train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
+    loop_cfg = cfg.loop_config()
+    batches = SFTBatches(train_ex, seq_len, loop_cfg.batch_size, seed=cfg.seed, pad_id=pad_id)
+    val_batches = fixed_sft_batches(val_ex, seq_len, loop_cfg.batch_size, pad_id) if val_ex else None
+    _, stats = pack_examples(train_ex, seq_len, pad_id)
+
+    trainable = None
+    if lora_cfg is not None:
+        wrapped = apply_lora(model, lora_cfg)
+        trainable = lora_parameters(model)
+        print(f"LoRA rank {lora_cfg.rank} on {len(wrapped)} modules ({', '.join(lora_cfg.target_modules)})")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    n_trainable = sum(p.numel() for p in (trainable or model.parameters()))
+    print(
+        f"SFT: {len(train_ex)} train dialogs -> {stats.rows} rows of {seq_len} ({stats.fill:.0%} filled, "
+        f"{stats.supervised_tokens:,} answer tokens, {stats.truncated} cut), {len(val_ex)} val dialogs; "
+        f"{n_trainable:,} trainable parameters",
+        flush=True,
+    )
+    save_resolved_config(cfg, out_dir)
+    result = train(model, sft_loss, batches, val_batches, loop_cfg, resume=cfg.resume, trainable=trainable)
+
+    model.cpu()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.save_dtype]
+    model_dir: Path | None = None
+    adapter_dir: Path | None = None
+    if lora_cfg is not None:
+        adapter_dir = save_adapter(model, lora_cfg, out_dir / "adapter", base=str(cfg.base))
+        if cfg.merge:
+            merge_lora(model)
+            model_dir = save_model(model, args, out_dir / "model", tok_path, dtype)
+    else:
+        model_dir = save_model(model, args, out_dir / "model", tok_path, dtype)
+    summary = {
+        "step": result.step,
+        "tokens_seen": result.tokens_seen,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "wall_time_s": result.wall_time_s,
+        "n_trainable": n_trainable,
+        "train_dialogs": len(train_ex),
+        "val_dialogs": len(val_ex),
+        "rows_per_epoch": stats.rows,
+        "answer_tokens_per_epoch": stats.supervised_tokens,
+        "config": config_to_dict(cfg),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return SFTResult(
+        train=result,
+        args=args,
+        model_dir=model_dir,
+        adapter_dir=adapter_dir,
+        n_trainable=n_trainable,
+        n_train_dialogs=len(train_ex),
+        n_val_dialogs=len(val_ex),
+    )

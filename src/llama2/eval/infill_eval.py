@@ -8,14 +8,15 @@ The prefix is up to `context_chars` characters before the hole and the suffix up
 after it, both cut at line boundaries.
 
 Metrics (per kind):
-  - **exact match**: the model fills the hole greedily from the PSM prompt
-    (`llama2.infill.encode_infill`) until `▁<EOT>`; a case counts when the generated middle equals
+  - **exact match**: the model fills the hole greedily from the PSM or the SPM prompt
+    (`llama2.infill.encode_infill`, `suffix_first` False/True; `modes` chooses which are run)
+    until `▁<EOT>`; a case counts when the generated middle equals
     the hole (leading/trailing whitespace ignored). Reported strictly (the whole fill up to `▁<EOT>`)
     and for the fill's first unit (the caller knows the hole's kind: the fill's first line for a line
     hole, its leading identifier for an identifier hole). Chance level is ~0; as a baseline we report
     the exact match of always answering the most frequent line / identifier of the training files.
   - **middle NLL**: mean negative log-likelihood (nats/token) of the hole's tokens followed by
-    `▁<EOT>`, teacher-forced after the PSM prompt, against a unigram model of the training files'
+    `▁<EOT>`, teacher-forced after the same prompt, against a unigram model of the training files'
     tokens (add-one smoothed) on the very same tokens. Lower is better; the gap is what the model
     gains from the context.
 """
@@ -67,6 +68,7 @@ class InfillEvalConfig:
     pattern: str = "*.py"
     heldout_fraction: float = 0.1  # must match the training split
     kinds: list[str] = field(default_factory=lambda: ["line", "identifier"])  # hole kinds to evaluate
+    modes: list[str] = field(default_factory=lambda: ["psm", "spm"])  # prompt orders to evaluate
     n_cases: int = 200  # per kind
     seed: int = 0
     context_chars: int = 300  # characters of prefix and of suffix around the hole
@@ -82,6 +84,7 @@ class InfillReport:
     """Results of `evaluate_infill` for one hole kind."""
 
     kind: str
+    mode: str  # "psm" (prefix-suffix-middle) or "spm" (suffix-prefix-middle) prompts
     n_cases: int
     exact: int  # greedy fills equal to the hole
     exact_first_line: int  # first line / leading identifier of the greedy fills equal to the hole
@@ -107,6 +110,7 @@ class InfillReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "mode": self.mode,
             "n_cases": self.n_cases,
             "exact_match": self.exact_rate,
             "exact_match_first_unit": self.first_line_rate,
@@ -121,7 +125,8 @@ class InfillReport:
     def format_table(self) -> str:
         return "\n".join(
             [
-                f"{self.kind} holes: {self.n_cases} held-out cases ({self.n_tokens} middle tokens); "
+                f"{self.kind} holes, {self.mode.upper()} prompts: {self.n_cases} held-out cases "
+                f"({self.n_tokens} middle tokens); "
                 f"baseline: always {self.baseline_line!r} / unigram",
                 f"{'metric':<38} {'model':>8} {'baseline':>9}",
                 f"{'exact match (fill to EOT)':<38} {self.exact_rate:>8.1%} {self.baseline_rate:>9.1%}",
@@ -233,11 +238,11 @@ def unigram_logprobs(files: Sequence[Path], tokenizer: Tokenizer) -> torch.Tenso
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def _fit_prompt(case: InfillCase, tokenizer: Tokenizer, budget: int) -> list[int]:
+def _fit_prompt(case: InfillCase, tokenizer: Tokenizer, budget: int, suffix_first: bool = False) -> list[int]:
     """PSM prompt for a case, trimming prefix/suffix lines until it fits `budget` tokens."""
     prefix, suffix = case.prefix, case.suffix
     while True:
-        prompt = encode_infill(prefix, suffix, tokenizer)
+        prompt = encode_infill(prefix, suffix, tokenizer, suffix_first=suffix_first)
         if len(prompt) <= budget or (not prefix and not suffix):
             return prompt
         if len(prefix) >= len(suffix):
@@ -265,6 +270,7 @@ def evaluate_infill(
     batch_size: int = 16,
     samples: int = 8,
     kind: HoleKind = "line",
+    suffix_first: bool = False,
 ) -> InfillReport:
     """Exact match (greedy) and middle NLL of `model` on `cases` of one hole kind (see the module
     docstring)."""
@@ -272,7 +278,7 @@ def evaluate_infill(
         raise ConfigError("no infill cases to evaluate")
     _, _, _, eot = infill_ids(tokenizer)
     max_len = model.args.max_seq_len
-    prompts = [_fit_prompt(c, tokenizer, max_len - max_new_tokens) for c in cases]
+    prompts = [_fit_prompt(c, tokenizer, max_len - max_new_tokens, suffix_first) for c in cases]
     gen = Generator(model, tokenizer)
     greedy = SamplingParams(temperature=0.0)
     fills: list[str] = []
@@ -313,6 +319,7 @@ def evaluate_infill(
     chosen += random.Random(0).sample(rest, min(samples - len(chosen), len(rest)))
     return InfillReport(
         kind=kind,
+        mode="spm" if suffix_first else "psm",
         n_cases=len(cases),
         exact=sum(exact),
         exact_first_line=sum(first),
@@ -347,24 +354,24 @@ def run_infill_eval(cfg: InfillEvalConfig) -> dict[str, InfillReport]:
     root = cfg.source_dir or default_source_dir()
     train_files, held_files = source_splits(root, cfg.pattern, cfg.heldout_fraction)
     unigram = unigram_logprobs(train_files, tokenizer)
+    bad_modes = [m for m in cfg.modes if m not in ("psm", "spm")]
+    if bad_modes or not cfg.modes:
+        raise ConfigError(f"infill modes must be a non-empty subset of ['psm', 'spm'], got {cfg.modes}")
     reports: dict[str, InfillReport] = {}
     for kind in cfg.kinds:
         if kind == "line":
             cases = make_cases(held_files, cfg.n_cases, cfg.seed, cfg.context_chars)
-            baseline = most_frequent_line(train_files)
-            report = evaluate_infill(
-                loaded.model, tokenizer, cases, unigram, baseline, cfg.max_new_tokens, cfg.batch_size,
-                cfg.samples, kind="line",
-            )  # fmt: skip
+            baseline, max_new = most_frequent_line(train_files), cfg.max_new_tokens
         else:
             cases = make_identifier_cases(held_files, cfg.n_cases, cfg.seed, cfg.context_chars)
-            baseline = most_frequent_identifier(train_files)
+            baseline, max_new = most_frequent_identifier(train_files), min(cfg.max_new_tokens, 12)
+        for mode in cfg.modes:
             report = evaluate_infill(
-                loaded.model, tokenizer, cases, unigram, baseline, min(cfg.max_new_tokens, 12),
-                cfg.batch_size, cfg.samples, kind="identifier",
+                loaded.model, tokenizer, cases, unigram, baseline, max_new, cfg.batch_size, cfg.samples,
+                kind="line" if kind == "line" else "identifier", suffix_first=mode == "spm",
             )  # fmt: skip
-        print(report.format_table(), flush=True)
-        reports[kind] = report
+            print(report.format_table(), flush=True)
+            reports[f"{kind}/{mode}"] = report
     if cfg.out_json is not None:
         out = Path(cfg.out_json)
         out.parent.mkdir(parents=True, exist_ok=True)

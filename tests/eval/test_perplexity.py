@@ -75,6 +75,36 @@ def test_matches_transformers(setup: dict[str, Path]) -> None:
         assert 1.0 < res.nll < 30.0
 
 
+def test_chat_scores_only_answer_tokens(setup: dict[str, Path], tmp_path: Path) -> None:
+    """`chat=True`: NLL of the assistant answers (and their `▁</s>`) only, against transformers on the
+    literal Llama 2-Chat string, with the answer's position found by sentencepiece itself."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    data = tmp_path / "dialogs.jsonl"
+    data.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    res = run_perplexity(PerplexityConfig(model=str(setup["model"]), data=[str(data)], seq_len=24, chat=True))
+    sp = spm.SentencePieceProcessor(model_file=str(setup["tok"]))
+    prompt = [1, *sp.encode("[INST] Hi [/INST]")]
+    full = [1, *sp.encode("[INST] Hi [/INST] Hello "), 2]
+    assert full[: len(prompt)] == prompt
+    hf = LlamaForCausalLM.from_pretrained(setup["hf"], torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([full[:-1]])).logits[0]  # (T, V)
+    logp = torch.log_softmax(logits, -1)
+    targets = range(len(prompt), len(full))  # "▁Hello", "▁", "</s>"
+    expected = -sum(float(logp[t - 1, full[t]]) for t in targets) / len(targets)
+    assert res.n_tokens == len(targets) == 3
+    assert res.nll == pytest.approx(expected, abs=2e-5)
+
+
 def test_token_file_and_max_windows(setup: dict[str, Path], tmp_path: Path) -> None:
     tf = build_token_file([str(setup["texts"])], setup["tok"], tmp_path / "val.bin")
     a = run_perplexity(PerplexityConfig(model=str(setup["model"]), data=[str(tf.path)], batch_size=3))

@@ -13,6 +13,12 @@ Windowing (the same as pretraining's validation loss, so the two numbers agree):
   4. mean NLL = sum of target negative log-likelihoods (nats) / number of targets; perplexity =
      exp(mean NLL).
 `seq_len` defaults to the model's context window (`max_seq_len` of its params.json).
+
+With `chat=True` the data is JSONL dialogs (`{"messages": [...]}` ending with an assistant turn, as
+SFT reads them): each dialog is encoded alone in the Llama 2-Chat format
+(`llama2.chat.encode_dialog_for_training`) and only the assistant answers' tokens (with the `</s>`
+closing each answer) are scored, exactly the tokens the SFT loss trains on. The result is the mean
+NLL per answer token; a window is one dialog.
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ class PerplexityConfig:
     tokenizer: Path | None = field(
         default=None, metadata={"help": "default: the tokenizer.model next to the weights"}
     )
+    chat: bool = field(
+        default=False,
+        metadata={"help": "data is JSONL dialogs; score only assistant-answer tokens, one dialog at a time"},
+    )
 
 
 @dataclass
@@ -82,6 +92,36 @@ def window_nll(
     return total, count
 
 
+@torch.no_grad()
+def dialog_nll(
+    model: torch.nn.Module, dialogs: list[tuple[list[int], list[bool]]], max_len: int
+) -> tuple[float, int]:
+    """Sum of NLLs over the masked (assistant-answer) targets of each (tokens, loss_mask) dialog."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for tokens, mask in dialogs:
+        if len(tokens) > max_len + 1:
+            raise ConfigError(f"a dialog of {len(tokens)} tokens is longer than the window of {max_len + 1}")
+        ids = torch.tensor(tokens, device=device)
+        logits = model(ids[None, :-1])[0]  # (T, V)
+        keep = torch.tensor(mask[1:], device=device)  # (T,) targets that carry the SFT loss
+        nll = F.cross_entropy(logits[keep].float(), ids[1:][keep], reduction="sum")
+        total += float(nll.item())
+        count += int(keep.sum().item())
+    return total, count
+
+
+def _read_dialogs(paths: list[str], tok_path: Path) -> list[tuple[list[int], list[bool]]]:
+    from llama2.chat import encode_dialog_for_training
+    from llama2.data.sft import load_dialogs
+    from llama2.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tok_path)
+    return [
+        encode_dialog_for_training(dialog, tokenizer) for path in paths for dialog in load_dialogs(Path(path))
+    ]
+
+
 def run_perplexity(cfg: PerplexityConfig) -> PerplexityResult:
     """Load `cfg.model`, score `cfg.data` and print/return the mean NLL and perplexity.
 
@@ -107,6 +147,16 @@ def run_perplexity(cfg: PerplexityConfig) -> PerplexityResult:
     model = loaded.model
     seq_len = cfg.seq_len or loaded.args.max_seq_len
     tok_path = cfg.tokenizer or loaded.tokenizer_path
+    if cfg.chat:
+        if tok_path is None:
+            raise CheckpointError(f"no tokenizer.model next to {cfg.model}; pass --tokenizer PATH")
+        dialogs = _read_dialogs(cfg.data, tok_path)
+        if cfg.max_windows:
+            dialogs = dialogs[: cfg.max_windows]
+        total, count = dialog_nll(model, dialogs, seq_len)
+        if count == 0:
+            raise ConfigError("the dialogs have no assistant answers to score")
+        return _report(total, count, len(dialogs), seq_len, t0, "dialogs")
     first = Path(cfg.data[0])
     if len(cfg.data) == 1 and first.is_file() and is_token_file(first):
         tokens = TokenFile(first)
@@ -127,17 +177,21 @@ def run_perplexity(cfg: PerplexityConfig) -> PerplexityResult:
             f"the data has {windows.n_stream_tokens} tokens, fewer than one window of {seq_len + 1}"
         )
     total, count = window_nll(model, windows, cfg.batch_size, cfg.max_windows)
+    return _report(total, count, -(-count // seq_len), seq_len, t0, f"windows of {seq_len}")
+
+
+def _report(total: float, count: int, n_windows: int, seq_len: int, t0: float, unit: str) -> PerplexityResult:
     nll = total / count
     result = PerplexityResult(
         nll=nll,
         perplexity=math.exp(nll),
         n_tokens=count,
-        n_windows=-(-count // seq_len),
+        n_windows=n_windows,
         seq_len=seq_len,
         seconds=time.perf_counter() - t0,
     )
     print(
         f"mean NLL {result.nll:.4f} nats/token, perplexity {result.perplexity:.3f} "
-        f"({result.n_tokens:,} tokens in {result.n_windows} windows of {seq_len}, {result.seconds:.1f}s)"
+        f"({result.n_tokens:,} tokens in {result.n_windows} {unit}, {result.seconds:.1f}s)"
     )
     return result

@@ -357,9 +357,16 @@ def _torch_load(file: Path) -> dict[str, Tensor]:
 
 
 # ==================================================================================== readers
+def _config_file(found: DetectedCheckpoint, expected: str) -> Path:
+    """The checkpoint's JSON config (detect() finds one for these formats; never None here)."""
+    if found.config_file is None:
+        raise CheckpointError(f"{found.root}: no {expected} found beside the weights")
+    return found.config_file
+
+
 def _read_meta(found: DetectedCheckpoint) -> CheckpointContents:
-    assert found.config_file is not None  # detect() guarantees it for this format
-    params = read_json(found.config_file)
+    config_file = _config_file(found, "params.json")
+    params = read_json(config_file)
     shards = [_torch_load(f) for f in found.weight_files]
     files = found.weight_files
     first = shards[0]
@@ -403,7 +410,7 @@ def _read_meta(found: DetectedCheckpoint) -> CheckpointContents:
     try:
         args = ModelArgs.from_params_json(params, vocab_size=vocab)
     except ConfigError as e:
-        raise _config_error(found.config_file, e) from None
+        raise _config_error(config_file, e) from None
     return CheckpointContents(CheckpointFormat.META, args, sources, files, found.root)
 
 
@@ -470,12 +477,12 @@ def _identity(t: Tensor) -> Tensor:
 
 
 def _read_hf(found: DetectedCheckpoint) -> CheckpointContents:
-    assert found.config_file is not None
-    config = read_json(found.config_file)
+    config_file = _config_file(found, "config.json")
+    config = read_json(config_file)
     try:
         args = ModelArgs.from_hf_config(config)
     except ConfigError as e:
-        raise _config_error(found.config_file, e) from None
+        raise _config_error(config_file, e) from None
     sources: list[TensorSource] = []
     metadata: dict[str, str] = {}
     if found.file_kind is FileKind.SAFETENSORS:
@@ -501,12 +508,12 @@ def _permuted(loader: Callable[[], Tensor], n_heads: int) -> Callable[[], Tensor
 
 
 def _read_ours(found: DetectedCheckpoint) -> CheckpointContents:
-    assert found.config_file is not None
-    params = read_json(found.config_file)
+    config_file = _config_file(found, "params.json")
+    params = read_json(config_file)
     try:
         args = ModelArgs.from_params_json(params)
     except ConfigError as e:
-        raise _config_error(found.config_file, e) from None
+        raise _config_error(config_file, e) from None
     sources: list[TensorSource] = []
     metadata: dict[str, str] = {}
     for f in found.weight_files:

@@ -606,7 +606,8 @@ class Engine:
     def _init_slot_state(self, seq: _Sequence) -> None:
         p = seq.spec.params
         slot = seq.slot
-        assert slot is not None
+        if slot is None:
+            raise RuntimeError("internal error: a sequence's sampling state set up before its slot")
         if p.repetition_penalty != 1.0:
             seen = self._ensure_state("seen")
             seen[slot] = False

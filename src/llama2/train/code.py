@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from llama2.errors import ConfigError
 from llama2.model import Transformer
 from llama2.tokenizer import Tokenizer
 from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, save_resolved_config, train
-from llama2.train.pretrain import init_weights, lm_loss, save_model
+from llama2.train.pretrain import init_weights, lm_loss, save_model, shape_args
 from llama2.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 
@@ -57,22 +56,8 @@ class CodePretrainConfig(LoopConfig):
     save_dtype: str = "bfloat16"  # dtype of the saved weights: float32 | bfloat16 | float16
     resume: bool = False
 
-    def loop_config(self) -> LoopConfig:
-        names = {f.name for f in dataclasses.fields(LoopConfig)}
-        return LoopConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
     def model_args(self, vocab_size: int) -> ModelArgs:
-        return ModelArgs(
-            dim=self.dim,
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads or None,
-            vocab_size=vocab_size,
-            multiple_of=self.multiple_of,
-            hidden_dim=self.hidden_dim or None,
-            rope_theta=self.rope_theta,
-            max_seq_len=self.seq_len,
-        )
+        return shape_args(self, vocab_size)
 
 
 @dataclass

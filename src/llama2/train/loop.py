@@ -159,6 +159,11 @@ class LoopConfig:
                 f"LoopConfig.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
 
+    def loop_config(self) -> LoopConfig:
+        """The plain `LoopConfig` part of a stage's config (which subclasses it with more fields)."""
+        names = {f.name for f in dataclasses.fields(LoopConfig)}
+        return LoopConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
 
 @dataclass
 class TrainResult:

@@ -11,14 +11,13 @@ of the TOML file can be overridden by a command-line flag. The resolved config i
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,35 @@ from llama2.model import Transformer
 from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, save_resolved_config, train
 
 IGNORE_INDEX = -100
+
+
+class ShapeFields(Protocol):
+    """The model-shape fields a training config carries (0 means "unset" for the optional ones)."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    multiple_of: int
+    hidden_dim: int
+    rope_theta: float
+    seq_len: int
+
+
+def shape_args(cfg: ShapeFields, vocab_size: int, norm_eps: float = 1e-5) -> ModelArgs:
+    """`ModelArgs` from a config's shape fields (vocab from the tokenizer, max_seq_len = seq_len)."""
+    return ModelArgs(
+        dim=cfg.dim,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads or None,
+        vocab_size=vocab_size,
+        multiple_of=cfg.multiple_of,
+        hidden_dim=cfg.hidden_dim or None,
+        norm_eps=norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_seq_len=cfg.seq_len,
+    )
 
 
 @dataclass
@@ -72,26 +100,11 @@ class PretrainConfig(LoopConfig):
     )
     resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/checkpoints/latest"})
 
-    def loop_config(self) -> LoopConfig:
-        names = {f.name for f in dataclasses.fields(LoopConfig)}
-        return LoopConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
-
     def model_args(self, vocab_size: int) -> ModelArgs:
         """The model shape (vocab size from the tokenizer, max_seq_len = seq_len)."""
         if self.preset:
             return preset(self.preset).replace(vocab_size=vocab_size, max_seq_len=self.seq_len)
-        return ModelArgs(
-            dim=self.dim,
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads or None,
-            vocab_size=vocab_size,
-            multiple_of=self.multiple_of,
-            hidden_dim=self.hidden_dim or None,
-            norm_eps=self.norm_eps,
-            rope_theta=self.rope_theta,
-            max_seq_len=self.seq_len,
-        )
+        return shape_args(self, vocab_size, self.norm_eps)
 
 
 @dataclass

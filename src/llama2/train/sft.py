@@ -19,7 +19,6 @@ where a small model needs otherwise — set `lr`, `max_steps` in the config.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -65,10 +64,6 @@ class SFTConfig(LoopConfig):
     resume: bool = False  # continue from <out_dir>/checkpoints/latest
     lr: float = 2e-5  # the paper's SFT learning rate
     warmup_steps: int = 10
-
-    def loop_config(self) -> LoopConfig:
-        names = {f.name for f in dataclasses.fields(LoopConfig)}
-        return LoopConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
     def lora_config(self) -> LoRAConfig | None:
         if self.lora_rank <= 0:

@@ -28,7 +28,7 @@ from llama2.errors import ConfigError
 from llama2.model import Transformer
 from llama2.tokenizer import Tokenizer
 from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, save_resolved_config, train
-from llama2.train.pretrain import init_weights, lm_loss, save_model, shape_args
+from llama2.train.pretrain import init_weights, lm_loss, parse_save_dtype, save_model, shape_args
 from llama2.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 
@@ -86,8 +86,7 @@ def run_code_pretrain(cfg: CodePretrainConfig) -> CodePretrainResult:
     """
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.save_dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"save_dtype must be float32, bfloat16 or float16, got {cfg.save_dtype!r}")
+    save_dtype = parse_save_dtype(cfg.save_dtype)
     train_files, held_files = code_splits(cfg)
     tok_path = Path(cfg.tokenizer) if cfg.tokenizer else out_dir / "tokenizer.model"
     if not cfg.tokenizer and not (cfg.resume and tok_path.is_file()):
@@ -130,8 +129,7 @@ def run_code_pretrain(cfg: CodePretrainConfig) -> CodePretrainResult:
     )
     result = train(model, lm_loss, batches, val, loop_cfg, resume=cfg.resume)
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.save_dtype]
-    model_dir = save_model(model, args, out_dir / "model", tok_path, dtype)
+    model_dir = save_model(model, args, out_dir / "model", tok_path, save_dtype)
     summary = {
         "step": result.step,
         "tokens_seen": result.tokens_seen,

@@ -11,10 +11,8 @@ of the TOML file can be overridden by a command-line flag. The resolved config i
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llama2.checkpoint.save import export_hf, save_checkpoint
 from llama2.config import ModelArgs, preset
 from llama2.data.corpus import TokenFile, build_token_file, load_encoder
 from llama2.data.packing import PackedBatches, PackedSequences, SequentialBatches, split_documents
@@ -163,6 +162,17 @@ def prepare_data(cfg: PretrainConfig) -> tuple[PackedSequences, PackedSequences 
     return train_set, val_set, train_file
 
 
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_save_dtype(name: str) -> torch.dtype:
+    """The dtype a config's `save_dtype` names; ConfigError for anything else."""
+    try:
+        return SAVE_DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"save_dtype must be float32, bfloat16 or float16, got {name!r}") from None
+
+
 def save_model(
     model: nn.Module,
     args: ModelArgs,
@@ -170,28 +180,11 @@ def save_model(
     tokenizer_path: Path | None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write our checkpoint format with `llama2.checkpoint.save.save_checkpoint`, casting floating
-    tensors to `dtype` first when given."""
+    """Write our checkpoint format (`save_checkpoint`), casting floating tensors to `dtype` when given."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    try:
-        save_mod = importlib.import_module("llama2.checkpoint.save")
-    except ImportError:
-        save_mod = None
-    if save_mod is not None:
-        save_mod.save_checkpoint(sd, args, out_dir, tokenizer_path=tokenizer_path)
-        return Path(out_dir)
-    # Fallback while llama2.checkpoint.save is not available: the same files it writes.
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(out_dir / "model.safetensors"))
-    (out_dir / "params.json").write_text(json.dumps(args.to_params_json(), indent=2) + "\n", encoding="utf-8")
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out_dir / "tokenizer.model")
-    return out_dir
+    return save_checkpoint(sd, args, out_dir, tokenizer_path=tokenizer_path)
 
 
 def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
@@ -202,8 +195,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     """
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.save_dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"save_dtype must be float32, bfloat16 or float16, got {cfg.save_dtype!r}")
+    save_dtype = parse_save_dtype(cfg.save_dtype)
     encoder = load_encoder(cfg.tokenizer)
     args = cfg.model_args(encoder.vocab_size)
     train_set, val_set, _ = prepare_data(cfg)
@@ -224,11 +216,9 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     val_batches = SequentialBatches(val_set, loop_cfg.batch_size) if val_set is not None else None
     result = train(model, lm_loss, batches, val_batches, loop_cfg, resume=cfg.resume)
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.save_dtype]
-    model_dir = save_model(model, args, out_dir / "model", Path(cfg.tokenizer), dtype)
+    model_dir = save_model(model, args, out_dir / "model", Path(cfg.tokenizer), save_dtype)
     if cfg.export_hf:
-        save_mod = importlib.import_module("llama2.checkpoint.save")
-        save_mod.export_hf(model, args, out_dir / "hf")
+        export_hf(model, args, out_dir / "hf")
     summary = {
         "step": result.step,
         "tokens_seen": result.tokens_seen,

@@ -42,7 +42,7 @@ from llama2.errors import ConfigError
 from llama2.tokenizer import Tokenizer
 from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, save_resolved_config, train
 from llama2.train.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
-from llama2.train.pretrain import save_model
+from llama2.train.pretrain import parse_save_dtype, save_model
 
 
 @dataclass
@@ -118,8 +118,7 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
     """
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.save_dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"save_dtype must be float32, bfloat16 or float16, got {cfg.save_dtype!r}")
+    save_dtype = parse_save_dtype(cfg.save_dtype)
     lora_cfg = cfg.lora_config()
     if cfg.merge and lora_cfg is None:
         raise ConfigError(
@@ -171,16 +170,15 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
     result = train(model, sft_loss, batches, val_batches, loop_cfg, resume=cfg.resume, trainable=trainable)
 
     model.cpu()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.save_dtype]
     model_dir: Path | None = None
     adapter_dir: Path | None = None
     if lora_cfg is not None:
         adapter_dir = save_adapter(model, lora_cfg, out_dir / "adapter", base=str(cfg.base))
         if cfg.merge:
             merge_lora(model)
-            model_dir = save_model(model, args, out_dir / "model", tok_path, dtype)
+            model_dir = save_model(model, args, out_dir / "model", tok_path, save_dtype)
     else:
-        model_dir = save_model(model, args, out_dir / "model", tok_path, dtype)
+        model_dir = save_model(model, args, out_dir / "model", tok_path, save_dtype)
     summary = {
         "step": result.step,
         "tokens_seen": result.tokens_seen,

@@ -38,6 +38,7 @@ class CheckpointFormat(StrEnum):
     HF = "hf"  # config.json + *.safetensors (or pytorch_model*.bin), HF names, permuted q/k
     LLAMA2C = "llama2c"  # karpathy/llama2.c .bin (v0 legacy or v1 header)
     LLAMA2 = "llama2"  # ours: params.json with "format": "llama2" + model.safetensors, Meta names
+    GGUF = "gguf"  # llama.cpp: one self-describing .gguf file (shape, tokenizer and weights)
 
 
 class FileKind(StrEnum):

@@ -67,6 +67,10 @@ class TensorSource:
         shape: its shape after renaming/merging (known without reading the data).
         dtype: its stored dtype.
         load: reads it (memory-mapped where possible) and applies any permutation/merge.
+        qtype: None for a plain tensor. For a tensor stored in a GGUF block format that
+            `llama2.quant.gguf_blocks.BLOCK_SIZES` supports ("q8_0", "q4_0", "q4_k"): that name,
+            and `load()` returns the raw blocks, uint8 (shape[0], shape[1] / block * block_bytes),
+            while `shape` stays the logical (dequantized) shape.
     """
 
     name: str
@@ -74,6 +78,7 @@ class TensorSource:
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], Tensor]
+    qtype: str | None = None
 
 
 @dataclass
@@ -137,6 +142,7 @@ def read_checkpoint(path: Path | str) -> CheckpointContents:
         CheckpointFormat.HF: _read_hf,
         CheckpointFormat.LLAMA2C: _read_llama2c,
         CheckpointFormat.LLAMA2: _read_ours,
+        CheckpointFormat.GGUF: _read_gguf,
     }
     return readers[found.format](found)
 
@@ -256,6 +262,8 @@ def _target_dtype(
 
 
 def _find_tokenizer(contents: CheckpointContents) -> Path | None:
+    if contents.format is CheckpointFormat.GGUF:  # the vocabulary travels inside the file
+        return contents.files[0]
     candidates = [contents.root / "tokenizer.model"]
     if contents.format is CheckpointFormat.META:  # Meta's download puts it beside the model folders
         candidates.append(contents.root.parent / "tokenizer.model")
@@ -525,6 +533,12 @@ def _read_ours(found: DetectedCheckpoint) -> CheckpointContents:
     return CheckpointContents(
         CheckpointFormat.LLAMA2, args, sources, found.weight_files, found.root, metadata
     )
+
+
+def _read_gguf(found: DetectedCheckpoint) -> CheckpointContents:
+    from llama2.checkpoint.gguf_model import read_gguf
+
+    return read_gguf(found)
 
 
 def _read_llama2c(found: DetectedCheckpoint) -> CheckpointContents:

@@ -21,6 +21,7 @@ from llama2.errors import ConfigError, GenerationError, TokenizerError
 from llama2.generation import GenerationResult, Generator, SamplingParams, TokenEvent
 from llama2.infill import encode_infill, infill_ids
 from llama2.model import Transformer
+from llama2.quant.convert import QuantConfig
 from llama2.tokenizer import Tokenizer
 
 __all__ = ["ChatPrediction", "CompletionPrediction", "InfillingPrediction", "Llama", "parse_dtype"]
@@ -118,6 +119,7 @@ class Llama:
         dtype: str | torch.dtype | None = None,
         seed: int = 1,
         progress: bool = True,
+        quantize: str | QuantConfig | None = None,
     ) -> Llama:
         """Load a checkpoint and its tokenizer (Meta's `Llama.build`).
 
@@ -132,6 +134,10 @@ class Llama:
                 checkpoint's (see `load_model`).
             seed: seeds torch's global generator, as Meta does.
             progress: show a loading progress bar on stderr.
+            quantize: quantize the projection layers while loading: "int8", "int4", "nf4", "q8_0",
+                "q4_0", "q4_k", optionally with options ("int4,groupsize=64"; see
+                `llama2.quant.parse_quant_spec`), or a `QuantConfig`. Quantized checkpoints load as
+                stored without it.
 
         Returns:
             The `Llama` instance.
@@ -144,7 +150,12 @@ class Llama:
 
         torch.manual_seed(seed)
         loaded = load_model(
-            ckpt_dir, device=device, dtype=parse_dtype(dtype), max_seq_len=max_seq_len, progress=progress
+            ckpt_dir,
+            device=device,
+            dtype=parse_dtype(dtype),
+            max_seq_len=max_seq_len,
+            progress=progress,
+            quantize=quantize,
         )
         path = Path(tokenizer_path) if tokenizer_path is not None else loaded.tokenizer_path
         if path is None:

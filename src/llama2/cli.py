@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from llama2.errors import ConfigError, Llama2Error
+from llama2.quant.schemes import SPEC_HELP
 
 if TYPE_CHECKING:
     from llama2.api import Llama
@@ -85,6 +86,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str, default_temp
     g.add_argument("--tokenizer", type=Path, help="tokenizer.model or GGUF file (default: the checkpoint's)")
     g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, help="weight dtype (default: the checkpoint's)")
+    g.add_argument("--quantize", metavar="SCHEME", help=SPEC_HELP)
     g.add_argument(
         "--max-seq-len", type=_int_at_least(1), help="context window in tokens (default: the checkpoint's)"
     )
@@ -139,6 +141,7 @@ def _load(args: argparse.Namespace) -> Llama:
         dtype=args.dtype,
         seed=args.seed if args.seed is not None else 1,
         progress=not args.quiet,
+        quantize=args.quantize,
     )
 
 
@@ -245,6 +248,25 @@ def _cmd_infill(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     _write((pred["full_text"] if args.full else pred["generation"]) + "\n")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from llama2.api import parse_dtype
+    from llama2.assets import resolve_model
+    from llama2.checkpoint.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(
+        resolve_model(args.model),
+        args.out,
+        args.scheme,
+        output_format=args.format,
+        tokenizer_path=args.tokenizer,
+        dtype=parse_dtype(args.dtype),
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"{PROG}: wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -617,6 +639,22 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="print prefix + middle + suffix instead of the middle")
     _add_model_args(p, "code", 0.0)
     p.set_defaults(_handler=_cmd_infill)
+
+    p = sub.add_parser(
+        "quantize",
+        help="write a quantized copy of a checkpoint (our format, or GGUF for llama.cpp)",
+        description="Quantize a checkpoint tensor by tensor. Our format takes any scheme "
+        "(int8, int4, nf4, q8_0, q4_0, q4_k, with options such as int4,groupsize=64) and records it in "
+        "the file; GGUF takes f32, f16, bf16, q8_0, q4_0 or q4_k.",
+    )
+    p.add_argument("--model", required=True, help="source checkpoint (any format) or base/chat/code")
+    p.add_argument("--out", required=True, type=Path, help="output folder (llama2) or .gguf file (gguf)")
+    p.add_argument("--scheme", required=True, help="quantization scheme (see above)")
+    p.add_argument("--format", choices=("llama2", "gguf"), default="llama2", help="output format")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer to store (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="dtype of the unquantized layers (llama2 format)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(_handler=_cmd_quantize)
 
     serve_help = "OpenAI-compatible HTTP server with continuous batching (127.0.0.1 by default)"
     p = sub.add_parser("serve", help=serve_help, description=serve_help)

@@ -8,8 +8,10 @@ Pickles are never trusted: PyTorch files are scanned for globals and loaded with
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
+import mmap
 import pickle
 import pickletools
 import sys
@@ -21,7 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from llama2.checkpoint import keymaps
 from llama2.checkpoint.formats import (
@@ -36,6 +38,16 @@ from llama2.checkpoint.formats import (
 from llama2.config import ModelArgs, read_json
 from llama2.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from llama2.model import Transformer
+from llama2.quant.convert import (
+    QuantConfig,
+    config_from_metadata,
+    empty_module,
+    parse_quant_spec,
+    quantize_weight,
+    target_names,
+)
+from llama2.quant.gguf_blocks import dequantize_gguf
+from llama2.quant.linear import QuantizedLinear
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -112,6 +124,8 @@ class LoadedModel:
         tokenizer_path: a `tokenizer.model` found next to the weights, else None.
         metadata: string metadata stored with the weights (safetensors `__metadata__`), else empty.
         max_seq_len: the context window the caller asked for (or the checkpoint's).
+        quantization: the scheme the projection layers hold (asked for, or stored in the file);
+            None for float weights (GGUF files may still hold block-quantized layers: see the modules).
     """
 
     model: Transformer
@@ -120,6 +134,7 @@ class LoadedModel:
     tokenizer_path: Path | None
     metadata: dict[str, str] = field(default_factory=dict)
     max_seq_len: int = 0
+    quantization: QuantConfig | None = None
 
 
 # ================================================================================ public API
@@ -154,19 +169,28 @@ def load_model(
     dtype: torch.dtype | None = None,
     max_seq_len: int | None = None,
     progress: bool = True,
+    quantize: QuantConfig | str | None = None,
 ) -> LoadedModel:
     """Load a checkpoint of any supported format into a `Transformer`.
 
     Args:
-        path: a checkpoint folder, or one file (llama2.c `.bin`, `.safetensors`, `.pth`).
+        path: a checkpoint folder, or one file (llama2.c `.bin`, `.safetensors`, `.pth`, `.gguf`).
         device: where the weights go; default CPU.
-        dtype: weight dtype. None keeps float32/bfloat16 checkpoints as they are; float16 becomes
-            bfloat16 on CPU (float16 matmuls are slow there) and stays float16 on other devices.
+        dtype: dtype of the float weights (and of the activations). None keeps float32/bfloat16
+            checkpoints as they are; float16 becomes bfloat16 on CPU (float16 matmuls are slow there)
+            and stays float16 on other devices; GGUF files whose embeddings are block-quantized give
+            float32.
         max_seq_len: context window to use instead of the checkpoint's. It replaces
             `args.max_seq_len` unless the model uses dynamic rope scaling (there `args.max_seq_len`
             is the trained length the scaling is relative to, so it is kept); either way it is
             returned as `LoadedModel.max_seq_len`.
         progress: show a tqdm bar over tensors on stderr.
+        quantize: a scheme (`"nf4"`, `"int8"`, `"int4,groupsize=64"`, ... see
+            `llama2.quant.parse_quant_spec`) or a `QuantConfig`. The projection layers are quantized
+            one tensor at a time as they are read from the memory-mapped source, whose pages are then
+            released, so peak memory is about the quantized model plus one float tensor. Checkpoints
+            that are already quantized (our format with a scheme in its metadata, GGUF block types)
+            load as stored without this argument.
 
     Returns:
         A `LoadedModel` with the model in eval mode.
@@ -175,6 +199,8 @@ def load_model(
         CheckpointError: unknown format, missing path, truncated file, missing/unexpected tensor or a
             shape mismatch; the message names the file and the tensor.
         UnsafeCheckpointError: a pickle that references anything but tensors (its code never runs).
+        ConfigError: an invalid scheme, a layer shape the scheme cannot hold, or a scheme asked for
+            a checkpoint already quantized differently.
     """
     contents = read_checkpoint(path)
     args = contents.args
@@ -184,30 +210,71 @@ def load_model(
         if args.rope_scaling is None or args.rope_scaling.type != "dynamic":
             args = args.replace(max_seq_len=max_seq_len)
     target_device = torch.device(device if device is not None else "cpu")
+    requested = parse_quant_spec(quantize)
+    stored = config_from_metadata(contents.metadata)
+    if stored is not None and requested is not None and requested != stored:
+        raise ConfigError(
+            f"{contents.files[0]} is already quantized ({stored.to_metadata()}); load it without "
+            f"quantize= (or with the same scheme), not {requested.to_metadata()}"
+        )
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    _check_names_and_shapes(contents, expected)
+    float_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if stored is not None:  # the file holds the quantized modules' buffers: check against those
+        _swap_in(model, {name: stored for name in target_names(model, stored.include_output)})
+        _check_names_and_shapes(contents, {n: tuple(t.shape) for n, t in model.state_dict().items()})
+        plan: dict[str, QuantConfig] = {}
+    else:
+        _check_names_and_shapes(contents, float_shapes)
+        plan = _quant_plan(model, contents, requested)
+        _swap_in(model, plan)
     target_dtype = _target_dtype(contents, dtype, target_device)
+    quantized = {name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
     from tqdm import tqdm
 
     state: dict[str, Tensor] = {}
     bar = tqdm(
         contents.tensors,
-        desc=f"loading {Path(path).name}",
+        desc=f"loading {Path(path).name}" + (f" ({requested.scheme})" if requested else ""),
         unit="tensor",
         file=sys.stderr,
         disable=not progress,
         leave=False,
     )
     for src in bar:
+        module_name = src.name.rsplit(".", 1)[0]
         t = src.load()
-        if not t.is_floating_point():
-            raise CheckpointError(
-                f"{src.file}: tensor {src.name!r} has dtype {t.dtype}; expected floating point"
-            )
-        state[src.name] = t.to(device=target_device, dtype=target_dtype)
+        kept: Tensor | None = None  # the tensor that goes into the model, if it may share t's memory
+        if src.qtype is not None and module_name in plan:  # GGUF blocks, kept as stored
+            kept = t.to(target_device)
+        elif src.qtype is not None:  # a block-quantized embedding or norm: dequantize it
+            kept = dequantize_gguf(t, src.qtype).reshape(src.shape).to(target_device, target_dtype)
+        elif module_name in plan:
+            config = plan[module_name]
+            try:
+                buffers = quantize_weight(t.to(device=target_device), config)
+            except ConfigError as err:
+                raise ConfigError(
+                    f"cannot quantize {src.name!r} {list(src.shape)} with {config.scheme}: {err}"
+                ) from None
+            state.update({f"{module_name}.{k}": v for k, v in buffers.items()})
+        elif module_name not in quantized:
+            if not t.is_floating_point():
+                raise CheckpointError(
+                    f"{src.file}: tensor {src.name!r} has dtype {t.dtype}; expected floating point"
+                )
+            kept = t.to(device=target_device, dtype=target_dtype)
+        else:  # a stored quantized module's buffer (packed codes, scales): kept in its stored dtype
+            kept = t.to(device=target_device)
+        if kept is not None:
+            state[src.name] = kept
+        converted = kept is None or kept.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        if converted:
+            release_pages(t)  # t was converted: its memory-mapped pages are no longer needed
+        del t, kept
+        if converted:
+            trim_heap()  # hand the freed temporaries back to the OS so they do not pile up
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return LoadedModel(
@@ -217,7 +284,85 @@ def load_model(
         tokenizer_path=_find_tokenizer(contents),
         metadata=dict(contents.metadata),
         max_seq_len=max_seq_len if max_seq_len is not None else args.max_seq_len,
+        quantization=stored or requested,
     )
+
+
+def _quant_plan(
+    model: Transformer, contents: CheckpointContents, requested: QuantConfig | None
+) -> dict[str, QuantConfig]:
+    """Which linears become which quantized modules: GGUF block tensors keep their type; with
+    `requested`, the other projection layers (and `output` if asked) are quantized while loading."""
+    linears = set(target_names(model, include_output=True))
+    plan: dict[str, QuantConfig] = {}
+    for src in contents.tensors:
+        module_name = src.name.rsplit(".", 1)[0]
+        if src.qtype is None or module_name not in linears:
+            continue
+        if requested is not None and requested.scheme != src.qtype:
+            raise ConfigError(
+                f"{src.file}: tensor {src.name!r} is stored as {src.qtype}; it loads as stored and "
+                f"cannot be re-quantized to {requested.scheme} (load it without quantize=)"
+            )
+        compute = requested.compute_dtype if requested is not None else None
+        plan[module_name] = QuantConfig(src.qtype, compute_dtype=compute)
+    if requested is not None:
+        for name in target_names(model, requested.include_output):
+            plan.setdefault(name, requested)
+    return plan
+
+
+def _swap_in(model: Transformer, plan: dict[str, QuantConfig]) -> None:
+    """Replace each planned linear (on `meta`) by an empty quantized module."""
+    for name, config in plan.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = parent.get_submodule(child)
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"{name} is not a linear layer; cannot quantize it")
+        try:
+            module = empty_module(linear.in_features, linear.out_features, config, "meta")
+        except ConfigError as err:
+            raise ConfigError(f"cannot quantize layer {name!r} with {config.scheme}: {err}") from None
+        setattr(parent, child, module)
+
+
+def release_pages(t: Tensor) -> None:
+    """Ask the kernel to drop `t`'s resident pages (Linux `madvise(MADV_PAGEOUT)`), once it is consumed.
+
+    For a memory-mapped file the pages are re-read on the next access, so this only lowers the
+    resident set; for anonymous memory without swap it does nothing. Used on source tensors that
+    were converted (dtype, quantization), so a whole checkpoint never becomes resident.
+    """
+    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    storage = t.untyped_storage()
+    start, nbytes = storage.data_ptr(), storage.nbytes()
+    page = mmap.PAGESIZE
+    lo = -(-start // page) * page
+    hi = (start + nbytes) // page * page
+    if hi > lo:
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)
+
+
+def trim_heap() -> None:
+    """`malloc_trim(0)` (glibc): return freed heap memory to the OS.
+
+    glibc raises its mmap threshold after large frees, so per-tensor temporaries of a few MB land
+    on the heap and, without this, stay resident after being freed.
+    """
+    if sys.platform.startswith("linux"):
+        trim = getattr(_libc(), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
+_MADV_PAGEOUT = 21  # linux/mman.h (Linux >= 5.4); older kernels answer EINVAL, which is harmless
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 # ================================================================================== checks

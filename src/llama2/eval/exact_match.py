@@ -43,6 +43,7 @@ class ExactMatchConfig:
     max_new_tokens: int = 32  # answers in the suite are short
     batch_size: int = 32  # prompts generated together
     device: str = "cpu"
+    quantize: str | None = None  # quantize while loading: int8 | int4 | nf4 | q8_0 | q4_0 | q4_k[,options]
     dtype: str = "float32"  # weights for evaluation: float32 | bfloat16 | float16 | auto (as stored)
     out_json: Path | None = None  # write the report here as JSON
     samples: int = 3  # sample responses kept per task in the report
@@ -185,7 +186,9 @@ def run_exact_match(cfg: ExactMatchConfig) -> ExactMatchReport:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
     if cfg.dtype not in dtypes:
         raise ConfigError(f"dtype must be one of {', '.join(dtypes)}, got {cfg.dtype!r}")
-    loaded = load_model(cfg.checkpoint, device=cfg.device, dtype=dtypes[cfg.dtype], progress=False)
+    loaded = load_model(
+        cfg.checkpoint, device=cfg.device, dtype=dtypes[cfg.dtype], progress=False, quantize=cfg.quantize
+    )
     tok_path = cfg.tokenizer or loaded.tokenizer_path
     if tok_path is None:
         raise ConfigError(f"no tokenizer.model next to {cfg.checkpoint}; set `tokenizer`")

@@ -75,6 +75,7 @@ class InfillEvalConfig:
     max_new_tokens: int = 40
     batch_size: int = 16
     device: str = "cpu"
+    quantize: str | None = None  # quantize while loading: int8 | int4 | nf4 | q8_0 | q4_0 | q4_k[,options]
     out_json: Path | None = None
     samples: int = 8  # sample cases kept in the report
 
@@ -346,7 +347,9 @@ def run_infill_eval(cfg: InfillEvalConfig) -> dict[str, InfillReport]:
         raise ConfigError(
             f"infill kinds must be a non-empty subset of ['line', 'identifier'], got {cfg.kinds}"
         )
-    loaded = load_model(cfg.checkpoint, device=cfg.device, dtype=torch.float32, progress=False)
+    loaded = load_model(
+        cfg.checkpoint, device=cfg.device, dtype=torch.float32, progress=False, quantize=cfg.quantize
+    )
     tok_path = cfg.tokenizer or loaded.tokenizer_path
     if tok_path is None:
         raise ConfigError(f"no tokenizer.model next to {cfg.checkpoint}; set `tokenizer`")

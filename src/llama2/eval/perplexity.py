@@ -53,6 +53,7 @@ class PerplexityConfig:
         default="float32", metadata={"help": "compute dtype: float32 | bfloat16 | float16 | auto (as stored)"}
     )
     device: str = "cpu"
+    quantize: str | None = None  # quantize while loading: int8 | int4 | nf4 | q8_0 | q4_0 | q4_k[,options]
     text_field: str = field(default="text", metadata={"help": "JSONL field with the document text"})
     tokenizer: Path | None = field(
         default=None, metadata={"help": "default: the tokenizer.model next to the weights"}
@@ -143,7 +144,13 @@ def run_perplexity(cfg: PerplexityConfig) -> PerplexityResult:
     if cfg.dtype not in dtypes:
         raise ConfigError(f"dtype must be one of {', '.join(dtypes)}, got {cfg.dtype!r}")
     t0 = time.perf_counter()
-    loaded = load_model(resolve_model(cfg.model), device=cfg.device, dtype=dtypes[cfg.dtype], progress=False)
+    loaded = load_model(
+        resolve_model(cfg.model),
+        device=cfg.device,
+        dtype=dtypes[cfg.dtype],
+        progress=False,
+        quantize=cfg.quantize,
+    )
     model = loaded.model
     seq_len = cfg.seq_len or loaded.args.max_seq_len
     tok_path = cfg.tokenizer or loaded.tokenizer_path

@@ -22,11 +22,12 @@ from llama2.errors import CheckpointError, ConfigError
 from llama2.quant.int4 import INT4_GROUPSIZES
 from llama2.quant.linear import GGUFLinear, Int4Linear, Int8Linear, NF4Linear, QuantizedLinear
 from llama2.quant.nf4 import NF4_BLOCKSIZES
+from llama2.quant.schemes import SCHEMES
 
-SCHEMES = ("int8", "int4", "nf4", "q8_0", "q4_0", "q4_k")
 BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention and feed-forward projections
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METADATA_KEY = "quantization"
+_SPEC_KEYS = ("groupsize", "blocksize", "double_quant", "compute_dtype", "include_output")
 
 
 @dataclass(frozen=True)
@@ -91,24 +92,101 @@ class QuantConfig:
         return cls(**meta)
 
 
+def parse_quant_spec(spec: str | QuantConfig | None) -> QuantConfig | None:
+    """Parse `"nf4"`, `"int4,groupsize=64"`, `"q4_0,include_output=true"`, `"nf4,double_quant=false"`.
+
+    The first comma-separated item is the scheme; the others are `QuantConfig` fields as `key=value`.
+
+    Raises:
+        ConfigError: unknown scheme, unknown field or a value of the wrong type.
+    """
+    if spec is None or isinstance(spec, QuantConfig):
+        return spec
+    scheme, *options = [part.strip() for part in spec.split(",")]
+    fields: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        key = key.strip()
+        if not sep or key not in _SPEC_KEYS:
+            raise ConfigError(
+                f"bad quantization option {option!r} in {spec!r}; expected key=value with key one of "
+                "groupsize, blocksize, double_quant, compute_dtype, include_output"
+            )
+        value = value.strip()
+        if key in ("groupsize", "blocksize"):
+            try:
+                fields[key] = int(value)
+            except ValueError:
+                raise ConfigError(f"quantization option {key} must be an integer, got {value!r}") from None
+        elif key in ("double_quant", "include_output"):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"quantization option {key} must be true or false, got {value!r}")
+            fields[key] = value.lower() in ("true", "1", "yes")
+        else:
+            fields[key] = value
+    return QuantConfig(scheme, **fields)
+
+
+def target_names(model: nn.Module, include_output: bool) -> list[str]:
+    """Qualified names of the linears a scheme replaces (`layers.0.attention.wq`, ..., `output`)."""
+    prefixes = {id(parent): prefix for prefix, parent in model.named_modules()}
+    names = []
+    for parent, name, _ in _targets(model, QuantConfig("int8", include_output=include_output)):
+        prefix = prefixes[id(parent)]
+        names.append(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def empty_module(
+    in_features: int, out_features: int, config: QuantConfig, device: torch.device | str
+) -> QuantizedLinear:
+    """An empty quantized module of `config`'s scheme (e.g. on `meta`), to be filled by load_state_dict."""
+    try:
+        return _empty(in_features, out_features, config, device)
+    except ConfigError as err:
+        raise ConfigError(f"cannot quantize a {out_features}x{in_features} linear: {err}") from err
+
+
+@torch.no_grad()
+def quantize_weight(weight: Tensor, config: QuantConfig) -> dict[str, Tensor]:
+    """Quantize one (out, in) float weight: the quantized module's state dict (`weight`, `scales`, ...).
+
+    The buffers are on `weight`'s device; nothing else is kept.
+    """
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        linear = nn.Linear(in_features, out_features, bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return dict(_make(linear, config, quantize=True).state_dict())
+
+
 def _make(linear: nn.Linear, config: QuantConfig, quantize: bool) -> QuantizedLinear:
     """A quantized module for `linear`: quantized from its weight, or empty (for loading)."""
-    cd = config.torch_compute_dtype
-    n_in, n_out, dev = linear.in_features, linear.out_features, linear.weight.device
     if linear.bias is not None:
         raise ConfigError("quantized linear layers support bias-free nn.Linear only (Llama has no biases)")
+    if not quantize:
+        return _empty(linear.in_features, linear.out_features, config, linear.weight.device)
+    cd = config.torch_compute_dtype
     s = config.scheme
     if s == "int8":
-        return Int8Linear.from_linear(linear, cd) if quantize else Int8Linear(n_in, n_out, cd, dev)
+        return Int8Linear.from_linear(linear, cd)
     if s == "int4":
-        if quantize:
-            return Int4Linear.from_linear(linear, config.groupsize, cd)
+        return Int4Linear.from_linear(linear, config.groupsize, cd)
+    if s == "nf4":
+        return NF4Linear.from_linear(linear, config.blocksize, config.double_quant, cd)
+    return GGUFLinear.from_linear(linear, s, cd)
+
+
+def _empty(n_in: int, n_out: int, config: QuantConfig, dev: torch.device | str) -> QuantizedLinear:
+    cd = config.torch_compute_dtype
+    s = config.scheme
+    if s == "int8":
+        return Int8Linear(n_in, n_out, cd, dev)
+    if s == "int4":
         return Int4Linear(n_in, n_out, config.groupsize, cd, dev)
     if s == "nf4":
-        if quantize:
-            return NF4Linear.from_linear(linear, config.blocksize, config.double_quant, cd)
         return NF4Linear(n_in, n_out, config.blocksize, config.double_quant, cd, dev)
-    return GGUFLinear.from_linear(linear, s, cd) if quantize else GGUFLinear(n_in, n_out, s, cd, dev)
+    return GGUFLinear(n_in, n_out, s, cd, dev)
 
 
 def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Linear]]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from llama2.errors import ConfigError
+from llama2.quant.schemes import SPEC_HELP as QUANTIZE_HELP
 from llama2.serve.app import AppSettings, create_app
 from llama2.serve.metrics import ServeMetrics
 from llama2.serve.scheduler import Engine, EngineConfig
@@ -60,6 +61,7 @@ class ServeConfig:
         drain_timeout_s: how long SIGTERM waits for in-flight requests.
         device: torch device of the model.
         dtype: weight dtype name (float32, bfloat16, float16); None keeps the checkpoint's.
+        quantize: quantization scheme applied while loading ("nf4", "int4,groupsize=64", ...), or None.
         threads: torch intra-op threads (None: torch's default).
         log_level: uvicorn's log level.
     """
@@ -83,6 +85,7 @@ class ServeConfig:
     drain_timeout_s: float = 30.0
     device: str = "cpu"
     dtype: str | None = None
+    quantize: str | None = None
     threads: int | None = None
     log_level: str = "info"
 
@@ -137,7 +140,11 @@ def build_app(
         if config.dtype and dtype is None:
             raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {config.dtype!r}")
         loaded = load_model(
-            config.model_path, device=config.device, dtype=dtype, max_seq_len=config.max_seq_len
+            config.model_path,
+            device=config.device,
+            dtype=dtype,
+            max_seq_len=config.max_seq_len,
+            quantize=config.quantize,
         )
         model = loaded.model
         tokenizer_path = tokenizer_path or loaded.tokenizer_path
@@ -271,6 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=d.device, help="torch device")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weight dtype")
+    parser.add_argument("--quantize", default=None, metavar="SCHEME", help=QUANTIZE_HELP)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--log-level", default=d.log_level, help="uvicorn log level")
 
@@ -297,6 +305,7 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
         drain_timeout_s=ns.drain_timeout,
         device=ns.device,
         dtype=ns.dtype,
+        quantize=ns.quantize,
         threads=ns.threads,
         log_level=ns.log_level,
     )

@@ -301,3 +301,58 @@ def test_add_config_command_directly() -> None:
     assert got == [DemoConfig(data=Path("d"), tags=["t1", "t2"], lr=0.5)]
     with pytest.raises(ConfigError):
         cli._coerce(cli._field_type(int, "f"), True, "f", "src")  # bool is not an int
+
+
+# ----------------------------------------------------------------------------- quantization
+def test_generate_quantize_flag_matches_api(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["generate", "--model", str(ckpt), "--prompt", "Hello", "--temperature", "0"]
+    argv += ["--max-new-tokens", "6", "--no-echo", "--quiet", "--quantize", "q8_0"]
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    quantized = Llama.build(ckpt, max_seq_len=None, max_batch_size=1, progress=False, quantize="q8_0")
+    [expected] = quantized.text_completion(["Hello"], temperature=0.0, max_gen_len=6)
+    assert out == expected["generation"] + "\n"
+    code, _, err = run([*argv[:-1], "int3"], capsys)
+    assert code == 1 and "unknown quantization scheme 'int3'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_quantize_command_writes_a_checkpoint_that_loads_as_stored(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llama2.checkpoint.load import load_model
+    from llama2.quant import QuantConfig
+    from llama2.quant.linear import QuantizedLinear
+
+    out_dir = tmp_path / "int8"
+    code, _, err = run(["quantize", "--model", str(ckpt), "--scheme", "int8", "--out", str(out_dir)], capsys)
+    assert code == 0 and "wrote" in err
+    assert (out_dir / "tokenizer.model").is_file()
+    loaded = load_model(out_dir, progress=False)
+    assert loaded.quantization == QuantConfig("int8")
+    assert isinstance(loaded.model.layers[0].attention.wq, QuantizedLinear)
+    on_the_fly = load_model(ckpt, quantize="int8", progress=False)
+    tokens = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(tokens), on_the_fly.model(tokens))
+
+
+def test_quantize_command_gguf_output_generates(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import gguf
+
+    out_file = tmp_path / "tiny-q8_0.gguf"
+    argv = ["quantize", "--model", str(ckpt), "--scheme", "q8_0", "--format", "gguf", "--out", str(out_file)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    reader = gguf.GGUFReader(out_file)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    gen = ["generate", "--model", str(out_file), "--prompt", "Hello", "--temperature", "0"]
+    code, out, err = run([*gen, "--max-new-tokens", "6", "--no-echo", "--quiet"], capsys)
+    assert code == 0, err
+    from_gguf = Llama.build(out_file, max_seq_len=None, max_batch_size=1, progress=False)
+    [expected] = from_gguf.text_completion(["Hello"], temperature=0.0, max_gen_len=6)
+    assert out == expected["generation"] + "\n"
+    code, _, err = run([*argv[:4], "nf4", *argv[5:]], capsys)  # GGUF cannot hold nf4
+    assert code == 1 and "GGUF output supports" in err

@@ -163,7 +163,7 @@ def test_our_format_with_metadata_and_tokenizer(
         gqa_loaded.args,
         tmp_path / "ours",
         tokenizer_path=llama2_tokenizer_dir / "tokenizer.model",
-        metadata={"quantization": "none"},
+        metadata={"notes": "trained here"},
     )
     params = json.loads((out / "params.json").read_text())
     assert params["format"] == "llama2"
@@ -172,7 +172,8 @@ def test_our_format_with_metadata_and_tokenizer(
     loaded = load_model(out, progress=False)
     assert loaded.format == "llama2"
     assert loaded.args == gqa_loaded.args
-    assert loaded.metadata["quantization"] == "none"
+    assert loaded.metadata["notes"] == "trained here"
+    assert loaded.quantization is None  # "quantization" is the reserved key of quantized files
     assert loaded.tokenizer_path == out / "tokenizer.model"
     assert (out / "tokenizer.model").read_bytes() == (llama2_tokenizer_dir / "tokenizer.model").read_bytes()
     assert _max_diff(loaded, gqa_hf, tokens(3, 8)) < ATOL

@@ -8,7 +8,9 @@ File names matter only where a format defines them (`params.json`, `config.json`
     (`\\x80` + protocol byte);
   - llama2.c v1+: uint32 magic 0x616b3432 ("ak42"); llama2.c v0: seven int32 of a plausible shape whose
     implied weight size matches the file size;
-  - GGUF: `GGUF` (a tokenizer/model container from llama.cpp; model weights not supported here).
+  - GGUF: `GGUF` magic (llama.cpp's self-describing container). A GGUF file is a model checkpoint when
+    its header lists tensors and `general.architecture` is "llama"; one without tensors is a
+    vocabulary-only file (a tokenizer), refused as a model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llama2.errors import CheckpointError
+from llama2.gguf_vocab import GGUFFormatError, read_gguf_architecture
 
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 LLAMA2C_MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
@@ -284,7 +287,7 @@ def detect(path: Path | str) -> DetectedCheckpoint:
 
     Args:
         path: a checkpoint folder, or one file in it (a llama2.c `.bin`, a `.safetensors`, a `.pth`,
-            or the folder's `params.json`/`config.json`).
+            a llama.cpp GGUF model, or the folder's `params.json`/`config.json`).
 
     Raises:
         CheckpointError: the path does not exist or holds no checkpoint this package can read.
@@ -300,10 +303,8 @@ def detect(path: Path | str) -> DetectedCheckpoint:
     if kind in (FileKind.LLAMA2C_V0, FileKind.LLAMA2C_V1):
         return DetectedCheckpoint(CheckpointFormat.LLAMA2C, path.parent, (path,), None, kind)
     if kind is FileKind.GGUF:
-        raise CheckpointError(
-            f"{path}: GGUF model weights are not supported; expected a Meta, Hugging Face, llama2.c or "
-            "llama2 checkpoint (GGUF files are read only as tokenizers)"
-        )
+        _check_gguf_model(path)
+        return DetectedCheckpoint(CheckpointFormat.GGUF, path.parent, (path,), None, kind)
     params = path.parent / "params.json"
     config = path.parent / "config.json"
     if kind is FileKind.SAFETENSORS:
@@ -327,7 +328,7 @@ def detect(path: Path | str) -> DetectedCheckpoint:
         )
     raise CheckpointError(
         f"{path}: unknown checkpoint format; expected safetensors, a PyTorch archive, a llama2.c .bin, "
-        "or a folder holding one"
+        "a GGUF model, or a folder holding one"
     )
 
 
@@ -376,13 +377,45 @@ def _detect_dir(root: Path) -> DetectedCheckpoint:
     if len(l2c) > 1:
         names = ", ".join(p.name for p, _ in l2c)
         raise CheckpointError(f"{root}: several llama2.c files ({names}); pass the one to load")
+    gguf_files = [p for p, k in kinds.items() if k is FileKind.GGUF]
+    if gguf_files and not torch_files and not st_files:
+        models = [p for p in gguf_files if _gguf_counts(p)[0] > 0]
+        if len(models) > 1:
+            names = ", ".join(p.name for p in models)
+            raise CheckpointError(f"{root}: several GGUF model files ({names}); pass the one to load")
+        model = models[0] if models else gguf_files[0]
+        _check_gguf_model(model)  # a vocabulary-only file is refused here with its reason
+        return DetectedCheckpoint(CheckpointFormat.GGUF, root, (model,), None, FileKind.GGUF)
     if params is not None or config is not None:
         raise CheckpointError(f"{root}: a params.json/config.json is present but no weight files were found")
     raise CheckpointError(
         f"{root}: unknown checkpoint format; expected params.json + consolidated.*.pth (Meta), "
         "config.json + *.safetensors (Hugging Face), params.json + model.safetensors (llama2), "
-        "or a llama2.c .bin file"
+        "a llama2.c .bin file, or a llama.cpp .gguf model file"
     )
+
+
+def _gguf_counts(path: Path) -> tuple[int, str | None]:
+    try:
+        return read_gguf_architecture(path)
+    except GGUFFormatError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read file ({e.strerror or e})") from None
+
+
+def _check_gguf_model(path: Path) -> None:
+    """Refuse a GGUF file that is not a Llama model with weights (reason and expectation named)."""
+    n_tensors, arch = _gguf_counts(path)
+    if n_tensors == 0:
+        raise CheckpointError(
+            f"{path}: this GGUF file holds no tensors (a vocabulary-only file, i.e. a tokenizer); "
+            "expected a GGUF model with weights. Pass it as the tokenizer instead"
+        )
+    if arch != "llama":
+        raise CheckpointError(
+            f"{path}: GGUF general.architecture is {arch!r}; expected 'llama' (Llama 2 / Code Llama)"
+        )
 
 
 def _index_shards(index_path: Path) -> tuple[Path, ...]:

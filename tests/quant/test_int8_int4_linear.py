@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from llama2.errors import ConfigError
-from llama2.quant.int4 import cpu_int4_kernel_available, dequantize_int4, quantize_int4
+from llama2.quant import kernels
+from llama2.quant.int4 import dequantize_int4, quantize_int4
 from llama2.quant.int8 import dequantize_int8, quantize_int8
+from llama2.quant.kernels import kernels_available
 from llama2.quant.linear import GGUFLinear, Int4Linear, Int8Linear, NF4Linear
 
 
@@ -81,11 +83,12 @@ def test_quantized_linear_close_to_float(make: object, rtol: float) -> None:
     assert not mod.weight.is_floating_point()
 
 
-@pytest.mark.skipif(not cpu_int4_kernel_available(), reason="torch lacks _weight_int4pack_mm_for_cpu")
+@pytest.mark.skipif(not kernels_available(), reason="CPU kernels not built (LLAMA2_NO_KERNELS, no compiler)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_cpu_kernel_matches_dequantized_matmul(dtype: torch.dtype) -> None:
     lin = _linear(64, 256)
     fast = Int4Linear.from_linear(lin, 64, use_kernel=True)
+    fast.quantize_activations = False  # float activations: the same values up to summation order
     slow = Int4Linear(256, 64, 64, use_kernel=False)
     slow.load_state_dict(fast.state_dict())
     assert fast.kernel_usable() and not slow.kernel_usable()
@@ -94,15 +97,27 @@ def test_int4_cpu_kernel_matches_dequantized_matmul(dtype: torch.dtype) -> None:
     torch.testing.assert_close(fast(x).float(), slow(x).float(), rtol=tol, atol=tol)
 
 
-def test_int4_kernel_refuses_unfit_shape() -> None:
-    mod = Int4Linear.from_linear(_linear(24, 64), 32, use_kernel=True)  # 24 % 16 != 0
-    with pytest.raises(ConfigError, match="out_features % 16"):
+def test_int4_holds_only_the_quantized_weight() -> None:
+    mod = Int4Linear.from_linear(_linear(64, 256), 64)
+    with torch.no_grad():
+        mod(torch.randn(1, 256))  # a forward must not cache a second (repacked) copy
+    tensors = [t for t in vars(mod).values() if isinstance(t, torch.Tensor)]
+    assert tensors == []
+    nbytes = sum(b.numel() * b.element_size() for b in mod.buffers())
+    assert nbytes == 64 * 128 + 4 * 64 * 2 * 2  # codes + bf16 scales and zeros
+
+
+def test_kernel_refusal_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels.build, "_disabled", [True])  # as LLAMA2_NO_KERNELS=1 at import
+    mod = Int4Linear.from_linear(_linear(32, 64), 32, use_kernel=True)
+    with pytest.raises(ConfigError, match="use_kernel=True"):
         mod(torch.randn(1, 64))
 
 
 def test_compute_dtype_is_used() -> None:
     lin = _linear(32, 64)
     mod = Int8Linear.from_linear(lin, compute_dtype=torch.bfloat16)
+    mod.use_kernel = False  # the torch path computes in bf16 exactly; the kernel accumulates in fp32
     x = torch.randn(2, 64)
     y = mod(x)
     assert y.dtype == torch.float32

@@ -47,7 +47,7 @@ from llama2.quant.convert import (
     target_names,
 )
 from llama2.quant.gguf_blocks import dequantize_gguf
-from llama2.quant.linear import QuantizedLinear
+from llama2.quant.linear import QuantizedLinear, accelerate
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -277,6 +277,8 @@ def load_model(
             trim_heap()  # hand the freed temporaries back to the OS so they do not pile up
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
+    if target_device.type == "cpu":
+        accelerate(model)  # bf16/fp16 linears -> the C++ matrix-vector kernels (shares the weights)
     return LoadedModel(
         model=model,
         args=args,

@@ -7,19 +7,34 @@ swaps them into a model and saves/loads the result with the scheme in safetensor
 from llama2.quant.convert import (
     QuantConfig,
     config_from_metadata,
+    empty_module,
     load_quantized,
+    parse_quant_spec,
     prepare_model,
     quantization_metadata,
     quantize_model,
+    quantize_weight,
     save_quantized,
+    target_names,
 )
 from llama2.quant.gguf_blocks import dequantize_gguf, quantize_gguf
 from llama2.quant.int4 import dequantize_int4, quantize_int4
 from llama2.quant.int8 import dequantize_int8, quantize_int8
-from llama2.quant.linear import GGUFLinear, Int4Linear, Int8Linear, NF4Linear, QuantizedLinear
+from llama2.quant.linear import (
+    DenseLinear,
+    GGUFLinear,
+    Int4Linear,
+    Int8Linear,
+    NF4Linear,
+    QuantizedLinear,
+    accelerate,
+)
 from llama2.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from llama2.quant.schemes import SCHEMES
 
 __all__ = [
+    "SCHEMES",
+    "DenseLinear",
     "GGUFLinear",
     "Int4Linear",
     "Int8Linear",
@@ -27,12 +42,15 @@ __all__ = [
     "NF4Tensor",
     "QuantConfig",
     "QuantizedLinear",
+    "accelerate",
     "config_from_metadata",
     "dequantize_gguf",
     "dequantize_int4",
     "dequantize_int8",
     "dequantize_nf4",
+    "empty_module",
     "load_quantized",
+    "parse_quant_spec",
     "prepare_model",
     "quantization_metadata",
     "quantize_gguf",
@@ -40,5 +58,7 @@ __all__ = [
     "quantize_int8",
     "quantize_model",
     "quantize_nf4",
+    "quantize_weight",
     "save_quantized",
+    "target_names",
 ]

@@ -6,9 +6,9 @@ scale), 0, 15); dequantized w = (q - 8) * scale + zero. Scales and zeros are pac
 `scales_and_zeros` (K / groupsize, N, 2) bfloat16.
 
 Storage is device-independent: two codes per byte along the input dimension (even column in the
-low nibble), (N, K / 2) uint8. On CPU, when torch provides `_weight_int4pack_mm_for_cpu` and the
-shape fits (N % 16 == 0, K % groupsize == 0), the codes are repacked once into the kernel's layout;
-otherwise the forward dequantizes and calls a dense matmul.
+low nibble), (N, K / 2) uint8. On CPU the `llama2.quant.kernels` int4 kernel reads exactly this
+layout (torch's `_weight_int4pack_mm_for_cpu` was measured slower and needs a second, repacked
+copy of the weight); elsewhere the forward dequantizes and calls a dense matmul.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ def quantize_int4(w: Tensor, groupsize: int = 128) -> tuple[Tensor, Tensor]:
         bfloat16 (K/groupsize, N, 2) [scale, zero] pairs.
     """
     _check(tuple(w.shape), groupsize)
+    from llama2.quant.kernels import quantize as fast  # bit-identical C++ quantizers
+
+    if fast.fast_quantize_usable(w):
+        return fast.fast_quantize_int4(w, groupsize)
     n, k = w.shape
     groups = w.detach().float().reshape(-1, groupsize)  # (N*K/gs, gs)
     max_val = groups.amax(dim=1, keepdim=True)
@@ -78,30 +82,3 @@ def dequantize_int4(
     scales, zeros = sz[..., 0:1], sz[..., 1:2]  # (N, K/gs, 1) each
     w = (q.reshape(n, k // groupsize, groupsize) - 8).float() * scales + zeros  # (N, K/gs, gs)
     return w.reshape(n, k).to(dtype)
-
-
-def cpu_int4_kernel_available() -> bool:
-    """True when this torch has the CPU int4 weight-packing and matmul kernels."""
-    ops = torch.ops.aten
-    return hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu")
-
-
-def cpu_kernel_fits(out_features: int, in_features: int, groupsize: int) -> bool:
-    """Whether the CPU kernel accepts this shape (it needs N % 16 == 0 and K % groupsize == 0)."""
-    return out_features % 16 == 0 and in_features % groupsize == 0 and in_features % 2 == 0
-
-
-def pack_for_cpu_kernel(packed: Tensor) -> Tensor:
-    """Repack our (N, K/2) codes into the layout of `_weight_int4pack_mm_for_cpu`."""
-    out: Tensor = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).contiguous(), 1)
-    return out
-
-
-def int4_matmul_cpu(x: Tensor, kernel_weight: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor:
-    """x (..., K) @ W.T with the CPU int4 kernel; x is float32, bfloat16 or float16. Returns (..., N)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    out: Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x2, kernel_weight, groupsize, scales_and_zeros.to(x.dtype)
-    )
-    return out.reshape(*lead, out.shape[-1])

@@ -7,6 +7,15 @@ assign=True)` move them without re-quantizing) and computes `y = x @ W.T` in `co
 
 Build one from a float layer with `Cls.from_linear(linear, ...)`, or an empty one with the
 constructor (any device, `meta` included) and load a saved state dict into it.
+
+On CPU the forward uses the C++ kernels of `llama2.quant.kernels` (a matrix-vector kernel for
+up to 16 activation rows, chunked dequantize + float32 GEMM beyond) when they are built and the
+input needs no gradient; otherwise it dequantizes the whole weight and calls `F.linear`. The
+`use_kernel` attribute forces one path: None (default) = kernels when possible, False = never,
+True = always (a `ConfigError` when impossible). `DenseLinear` does the same for plain
+bfloat16/float16 weights, and `accelerate(model)` swaps it in for a model's `nn.Linear` layers.
+`quantize_activations` (default True) lets the int8/int4 decode kernels quantize activations to
+Q8_0 blocks, as the GGUF types always do (llama.cpp's method; see `llama2.quant.kernels`).
 """
 
 from __future__ import annotations
@@ -16,19 +25,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llama2.errors import ConfigError
+from llama2.quant import kernels
 from llama2.quant.gguf_blocks import BLOCK_SIZES, dequantize_gguf, quantize_gguf
-from llama2.quant.int4 import (
-    cpu_int4_kernel_available,
-    cpu_kernel_fits,
-    dequantize_int4,
-    int4_matmul_cpu,
-    pack_for_cpu_kernel,
-    quantize_int4,
-)
+from llama2.quant.int4 import dequantize_int4, quantize_int4
 from llama2.quant.int8 import dequantize_int8, quantize_int8
-from llama2.quant.nf4 import NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4, quantize_nf4
+from llama2.quant.nf4 import NESTED_BLOCKSIZE, NF4Tensor, dequantize_nf4, nf4_code, quantize_nf4
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NF4_CODE: list[Tensor] = []
+
+
+def _nf4_code() -> Tensor:
+    """The NF4 code book on CPU, created once."""
+    if not _NF4_CODE:
+        _NF4_CODE.append(nf4_code())
+    return _NF4_CODE[0]
 
 
 def _check_linear(linear: nn.Linear) -> None:
@@ -36,11 +47,27 @@ def _check_linear(linear: nn.Linear) -> None:
         raise ConfigError("quantized linear layers support bias-free nn.Linear only (Llama has no biases)")
 
 
+def _use_kernel(use_kernel: bool | None, fits: bool, x: Tensor, weight: Tensor, what: str) -> bool:
+    """Resolve a module's `use_kernel` setting for one forward call."""
+    if use_kernel is False:
+        return False
+    possible = fits and kernels.kernels_enabled(x, weight) and weight.is_contiguous()
+    if use_kernel and not possible:
+        raise ConfigError(
+            f"use_kernel=True but the CPU kernel cannot run this {what}: it needs CPU tensors, no "
+            "gradient through the input, a supported shape and the built extension "
+            "(is LLAMA2_NO_KERNELS set, or did the build warn?)"
+        )
+    return possible
+
+
 class QuantizedLinear(nn.Module):
-    """Base class: subclasses provide `dequantize_weight` and may override `_matmul`."""
+    """Base class: subclasses provide `dequantize_weight` and may provide `_kernel_matmul`."""
 
     scheme: str = ""
     weight: Tensor
+    # decode kernel quantizes activations to Q8_0 blocks (llama.cpp's method) where it supports it
+    quantize_activations: bool = True
 
     def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -49,9 +76,23 @@ class QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
+        self.use_kernel: bool | None = None
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The (out_features, in_features) weight in `dtype`."""
+        raise NotImplementedError
+
+    def _kernel_fits(self) -> bool:
+        """Whether this layer's shape and layout are supported by its CPU kernel."""
+        return False
+
+    def kernel_usable(self, x: Tensor | None = None) -> bool:
+        """Whether the forward (for input `x`; default: a CPU float32 input) uses the CPU kernel."""
+        probe = x if x is not None else torch.empty(0, self.in_features)
+        return _use_kernel(self.use_kernel, self._kernel_fits(), probe, self.weight, type(self).__name__)
+
+    def _kernel_matmul(self, x: Tensor) -> Tensor:
+        """x (..., K) -> (..., N) float32 through the CPU kernel."""
         raise NotImplementedError
 
     def _matmul(self, x: Tensor) -> Tensor:
@@ -60,7 +101,19 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features) in x's dtype."""
         dtype = self.compute_dtype or x.dtype
-        return self._matmul(x.to(dtype)).to(x.dtype)
+        xc = x if x.dtype == dtype else x.to(dtype)
+        use = self.use_kernel
+        if use is None:  # the common case, checked inline: it runs once per layer per token
+            w = self.weight
+            use = self._kernel_fits() and kernels.kernels_enabled(xc, w) and w.is_contiguous()
+        elif use:
+            use = self.kernel_usable(xc)  # raises when impossible
+        if use:
+            y = self._kernel_matmul(xc)  # float32
+            if dtype != torch.float32:
+                y = y.to(dtype)  # rounded as a `dtype` matmul would be
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        return self._matmul(xc).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -98,6 +151,12 @@ class Int8Linear(QuantizedLinear):
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_int8(self.weight, self.scales, dtype)
 
+    def _kernel_fits(self) -> bool:
+        return self.scales.is_contiguous()
+
+    def _kernel_matmul(self, x: Tensor) -> Tensor:
+        return kernels.int8_linear(x, self.weight, self.scales, self.quantize_activations)
+
     def _matmul(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., N)
 
@@ -105,9 +164,8 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """Weight-only int4, groupwise asymmetric (gpt-fast).
 
-    Buffers `weight` (N, K/2) uint8 and `scales_and_zeros` (K/groupsize, N, 2) bfloat16. On CPU
-    the codes are repacked once for `_weight_int4pack_mm_for_cpu` when available and the shape
-    fits (`use_kernel=None` means "when possible"); otherwise the weight is dequantized per call.
+    Buffers `weight` (N, K/2) uint8 and `scales_and_zeros` (K/groupsize, N, 2) bfloat16, and
+    nothing else: the CPU kernel reads this layout directly (no second, repacked copy).
     """
 
     scheme = "int4"
@@ -137,8 +195,6 @@ class Int4Linear(QuantizedLinear):
             "scales_and_zeros",
             torch.zeros(in_features // groupsize, out_features, 2, dtype=torch.bfloat16, device=device),
         )
-        self._kernel_weight: Tensor | None = None
-        self._kernel_key: tuple[int, int] | None = None
 
     @classmethod
     def from_linear(
@@ -163,32 +219,14 @@ class Int4Linear(QuantizedLinear):
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize, dtype)
 
-    def kernel_usable(self) -> bool:
-        """Whether the forward will use the CPU int4 kernel."""
-        possible = (
-            self.weight.device.type == "cpu"
-            and cpu_int4_kernel_available()
-            and cpu_kernel_fits(self.out_features, self.in_features, self.groupsize)
+    def _kernel_fits(self) -> bool:
+        sz = self.scales_and_zeros
+        return self.groupsize % 32 == 0 and sz.dtype == torch.bfloat16 and sz.stride(-1) == 1
+
+    def _kernel_matmul(self, x: Tensor) -> Tensor:
+        return kernels.int4_linear(
+            x, self.weight, self.scales_and_zeros, self.groupsize, self.quantize_activations
         )
-        if self.use_kernel and not possible:
-            raise ConfigError(
-                "the CPU int4 kernel needs torch's _weight_int4pack_mm_for_cpu, a CPU weight, "
-                f"out_features % 16 == 0 and in_features % groupsize == 0; got {self.out_features}x"
-                f"{self.in_features}, groupsize {self.groupsize}"
-            )
-        return possible if self.use_kernel is None else self.use_kernel
-
-    def _packed_for_kernel(self) -> Tensor:
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._kernel_weight is None or self._kernel_key != key:
-            self._kernel_weight = pack_for_cpu_kernel(self.weight)  # repacked once per weight tensor
-            self._kernel_key = key
-        return self._kernel_weight
-
-    def _matmul(self, x: Tensor) -> Tensor:
-        if self.kernel_usable():
-            return int4_matmul_cpu(x, self._packed_for_kernel(), self.scales_and_zeros, self.groupsize)
-        return F.linear(x, self.dequantize_weight(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, groupsize={self.groupsize}"
@@ -273,6 +311,28 @@ class NF4Linear(QuantizedLinear):
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_nf4(self.nf4_tensor(), dtype)
 
+    def _kernel_fits(self) -> bool:
+        if self.in_features % self.blocksize or self.blocksize % 32:
+            return False
+        tensors = [self.absmax] + ([self.nested_absmax, self.nested_code] if self.double_quant else [])
+        return all(t.is_contiguous() for t in tensors)
+
+    def _kernel_matmul(self, x: Tensor) -> Tensor:
+        if self.double_quant:
+            return kernels.nf4_linear(
+                x,
+                self.weight,
+                (self.out_features, self.in_features),
+                self.absmax,
+                self.blocksize,
+                _nf4_code(),
+                self.nested_absmax,
+                self.nested_code,
+                self.offset,
+            )
+        shape = (self.out_features, self.in_features)
+        return kernels.nf4_linear(x, self.weight, shape, self.absmax.float(), self.blocksize, _nf4_code())
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, blocksize={self.blocksize}, double_quant={self.double_quant}"
 
@@ -315,3 +375,89 @@ class GGUFLinear(QuantizedLinear):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_gguf(self.weight, self.qtype).to(dtype)
+
+    def _kernel_fits(self) -> bool:
+        return self.qtype in kernels.GGUF_QTYPE_IDS
+
+    def _kernel_matmul(self, x: Tensor) -> Tensor:
+        return kernels.gguf_linear(x, self.weight, self.qtype)
+
+
+class DenseLinear(nn.Linear):
+    """A bias-free linear layer with a bfloat16/float16 `weight` parameter and the CPU kernels.
+
+    An `nn.Linear` subclass with the same parameter name and shape, so state dicts are
+    interchangeable and code that looks for `nn.Linear` (quantization, LoRA) still finds it. On CPU,
+    without autograd, the forward streams the half-precision weight through a float32-accumulating
+    matrix-vector kernel for small inputs and converts it to float32 in row chunks for torch's
+    float32 GEMM on large ones; the result is rounded to the input's dtype. Otherwise (CUDA,
+    training, kernels unavailable) it is `F.linear`.
+    """
+
+    weight: nn.Parameter
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate and initialise a weight
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ConfigError(f"DenseLinear holds a bfloat16 or float16 weight, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.use_kernel: bool | None = None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> DenseLinear:
+        """Wrap `linear`'s weight (shared, not copied); it must be bfloat16/float16 and bias-free."""
+        _check_linear(linear)
+        mod = cls(linear.in_features, linear.out_features, linear.weight.dtype, device="meta")
+        mod.weight = linear.weight  # type: ignore[assignment]  # nn.Linear declares Tensor; it is a Parameter
+        return mod
+
+    def kernel_usable(self, x: Tensor | None = None) -> bool:
+        """Whether the forward (for input `x`; default: a CPU float32 input) uses the CPU kernel."""
+        probe = x if x is not None else torch.empty(0, self.in_features)
+        fits = self.weight.dtype in (torch.bfloat16, torch.float16)
+        return _use_kernel(self.use_kernel, fits, probe, self.weight, "DenseLinear")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., in_features) -> (..., out_features) in x's dtype."""
+        if self.kernel_usable(x):
+            y = kernels.dense_linear(x, self.weight)  # float32
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
+
+
+ACCELERATED_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Swap the model's bfloat16/float16 CPU `nn.Linear` layers named wq wk wv wo w1 w2 w3 output
+    for `DenseLinear` (in place, sharing the weights) when the CPU kernels are available.
+
+    Quantized layers already use the kernels; float32 layers are left alone (torch's float32
+    matrix-vector product already runs at memory bandwidth). Returns `model`.
+    """
+    probe = torch.empty(0)
+    if not kernels.kernels_enabled(probe, probe):
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (
+                name in ACCELERATED_LINEARS
+                and type(child) is nn.Linear
+                and child.bias is None
+                and child.weight.device.type == "cpu"
+                and child.weight.dtype in (torch.bfloat16, torch.float16)
+            ):
+                setattr(parent, name, DenseLinear.from_linear(child))
+    return model

@@ -256,7 +256,11 @@ _DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0, "q4_k": dequant
 
 def quantize_gguf(x: Tensor, qtype: str) -> Tensor:
     """Quantize (..., K) floats to the GGUF block type `qtype` ("q8_0", "q4_0" or "q4_k")."""
-    _check_qtype(qtype)
+    bs, _ = _check_qtype(qtype)
+    from llama2.quant.kernels import quantize as fast  # bit-identical C++ quantizers
+
+    if x.dim() > 0 and x.shape[-1] % bs == 0 and fast.fast_quantize_usable(x):
+        return fast.fast_quantize_gguf(x, qtype)
     return _QUANTIZE[qtype](x)
 
 

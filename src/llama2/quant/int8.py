@@ -25,6 +25,10 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """
     if w.dim() != 2:
         raise ConfigError(f"int8 quantization expects a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    from llama2.quant.kernels import quantize as fast  # bit-identical C++ quantizers
+
+    if fast.fast_quantize_usable(w):
+        return fast.fast_quantize_int8(w)
     wf = w.detach().float()
     absmax = wf.abs().amax(dim=1)  # (N,)
     scales = (absmax / INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # (N,); all-zero rows stay 0

@@ -128,6 +128,10 @@ def quantize_blockwise_8bit(
     Returns:
         (q, absmax): uint8 codes with x's shape and float32 absmax (ceil(n / blocksize),).
     """
+    from llama2.quant.kernels import quantize as fast  # bit-identical C++ quantizers
+
+    if code.numel() <= 256 and code.device.type == "cpu" and fast.fast_quantize_usable(x):
+        return fast.fast_quantize_blockwise_8bit(x, code, blocksize)
     flat = x.detach().reshape(-1).float()
     absmax = _block_absmax(flat, blocksize)  # (nb,)
     blocks, n = _blocks(flat, blocksize)  # (nb, bs)
@@ -197,6 +201,22 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = False) -> 
     _check_blocksize(blocksize)
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"NF4 quantizes float32, bfloat16 or float16 tensors, got {w.dtype}")
+    from llama2.quant.kernels import quantize as fast  # bit-identical C++ quantizers
+
+    if fast.fast_quantize_usable(w):
+        packed, absmax = fast.fast_quantize_nf4(w, blocksize)
+    else:  # the reference
+        packed, absmax = _nf4_codes(w, blocksize)
+    if not double_quant:
+        return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
+    offset = absmax.mean()
+    dyn = create_dynamic_map(signed=True).to(w.device)
+    qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, dyn, NESTED_BLOCKSIZE)
+    return NF4Tensor(packed, qabsmax, w.shape, w.dtype, blocksize, nested_absmax, dyn, offset)
+
+
+def _nf4_codes(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """The pure-torch NF4 codes (ceil(n / 2), 1) uint8 and float32 absmax of `w` flattened."""
     flat = w.detach().reshape(-1).float()
     n = flat.numel()
     full = n - n % blocksize
@@ -213,12 +233,7 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = False) -> 
     midpoints = (code[:-1] + code[1:]) / 2  # (15,)
     q = torch.bucketize(scaled, midpoints).to(torch.uint8)  # (n_even,)
     packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)  # (n/2, 1)
-    if not double_quant:
-        return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
-    offset = absmax.mean()
-    dyn = create_dynamic_map(signed=True).to(w.device)
-    qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, dyn, NESTED_BLOCKSIZE)
-    return NF4Tensor(packed, qabsmax, w.shape, w.dtype, blocksize, nested_absmax, dyn, offset)
+    return packed, absmax
 
 
 def nf4_absmax(t: NF4Tensor) -> Tensor:

@@ -16,6 +16,7 @@ import os
 import platform
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,14 +69,62 @@ def compile_flags() -> list[str]:
     return flags
 
 
-def cache_dir() -> Path:
-    """The build directory for this source, torch version and CPU."""
+def cache_dir(source: Path = _SOURCE, prefix: str = "") -> Path:
+    """The build directory for `source` (default: the matmul kernels), this torch version and CPU."""
     root = os.environ.get("LLAMA2_KERNEL_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "llama2" / "kernels"
     key = hashlib.sha256(
-        _SOURCE.read_bytes() + torch.__version__.encode() + " ".join(compile_flags()).encode()
+        source.read_bytes() + torch.__version__.encode() + " ".join(compile_flags()).encode()
     ).hexdigest()[:16]
-    return base / key
+    return base / f"{prefix}{key}"
+
+
+def build_extension(source: Path, namespace: str, prefix: str = "") -> None:
+    """Compile (or load the cached build of) `source`, which registers `torch.ops.<namespace>.*`."""
+    build_dir = cache_dir(source, prefix)
+    name = f"{namespace}_{build_dir.name.removeprefix(prefix)}"
+    built = build_dir / f"{name}.so"
+    if built.is_file():  # the directory is keyed by source, torch and flags: load it directly
+        torch.ops.load_library(str(built))  # type: ignore[no-untyped-call]
+        return
+    from torch.utils import cpp_extension
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(source)],
+        extra_cflags=compile_flags(),
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def load_once(state: dict[str, bool], lock: threading.Lock, load: Callable[[], object], what: str) -> bool:
+    """Run `load` once per process (thread-safe); on failure warn once and remember False.
+
+    Returns False at once when `LLAMA2_NO_KERNELS` disables the kernels.
+    """
+    if kernels_disabled():
+        return False
+    if "ok" in state:
+        return state["ok"]
+    with lock:
+        if "ok" not in state:
+            try:
+                load()
+                state["ok"] = True
+            except Exception as exc:  # any compiler/loader failure means "use the torch path"
+                msg = str(exc).strip()
+                warnings.warn(
+                    f"llama2: could not build the {what} ({type(exc).__name__}: "
+                    f"{msg.splitlines()[-1] if msg else ''}); using the slower pure-torch path. "
+                    "Set LLAMA2_NO_KERNELS=1 to silence this.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                state["ok"] = False
+    return state["ok"]
 
 
 def _register_fakes() -> None:
@@ -128,27 +177,17 @@ def _register_fakes() -> None:
     torch.library.register_fake(lib + "dense_dequant")(dense_dequant)
 
 
-def _build() -> bool:
-    build_dir = cache_dir()
-    name = f"{_NAMESPACE}_{build_dir.name}"
-    built = build_dir / f"{name}.so"
-    if built.is_file():  # the directory is keyed by source, torch and flags: load it directly
-        torch.ops.load_library(str(built))  # type: ignore[no-untyped-call]
-        _register_fakes()
-        return True
-    from torch.utils import cpp_extension
-
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=name,
-        sources=[str(_SOURCE)],
-        extra_cflags=compile_flags(),
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+def _build() -> None:
+    build_extension(_SOURCE, _NAMESPACE)
     _register_fakes()
-    return True
+
+
+def kernels_available() -> bool:
+    """Load (building on first use) the CPU kernels; False when disabled or the build failed.
+
+    The first failure warns once per process and is remembered.
+    """
+    return load_once(_state, _lock, _build, "CPU quantization kernels")
 
 
 def kernels_ready() -> bool:
@@ -158,28 +197,3 @@ def kernels_ready() -> bool:
         return False
     ok = _state.get("ok")
     return kernels_available() if ok is None else ok
-
-
-def kernels_available() -> bool:
-    """Load (building on first use) the CPU kernels; False when disabled or the build failed.
-
-    The first failure warns once per process and is remembered.
-    """
-    if kernels_disabled():
-        return False
-    if "ok" in _state:
-        return _state["ok"]
-    with _lock:
-        if "ok" not in _state:
-            try:
-                _state["ok"] = _build()
-            except Exception as exc:  # any compiler/loader failure means "use the torch path"
-                warnings.warn(
-                    f"llama2: could not build the CPU quantization kernels ({type(exc).__name__}: "
-                    f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); "
-                    "using the slower pure-torch path. Set LLAMA2_NO_KERNELS=1 to silence this.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                _state["ok"] = False
-    return _state["ok"]

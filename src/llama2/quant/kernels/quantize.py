@@ -15,19 +15,17 @@ A failed build warns once and the torch path is used.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from llama2.quant.kernels.build import compile_flags, kernels_disabled
+from llama2.quant.kernels.build import build_extension, cache_dir, load_once
 
 _SOURCE = Path(__file__).with_name("csrc") / "quantize.cpp"
 _NAMESPACE = "llama2_quantize"
+_PREFIX = "quantize-"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -36,51 +34,14 @@ _luts: dict[bytes, Tensor] = {}
 
 def quantize_cache_dir() -> Path:
     """The build directory of the quantizer extension for this source, torch version and CPU."""
-    root = os.environ.get("LLAMA2_KERNEL_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "llama2" / "kernels"
-    key = hashlib.sha256(
-        _SOURCE.read_bytes() + torch.__version__.encode() + " ".join(compile_flags()).encode()
-    ).hexdigest()[:16]
-    return base / f"quantize-{key}"
-
-
-def _build() -> bool:
-    from torch.utils import cpp_extension
-
-    build_dir = quantize_cache_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=f"{_NAMESPACE}_{build_dir.name.removeprefix('quantize-')}",
-        sources=[str(_SOURCE)],
-        extra_cflags=compile_flags(),
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
-    return True
+    return cache_dir(_SOURCE, _PREFIX)
 
 
 def fast_quantize_available() -> bool:
     """Load (building on first use) the quantizer extension; False when disabled or the build failed."""
-    if kernels_disabled():
-        return False
-    if "ok" in _state:
-        return _state["ok"]
-    with _lock:
-        if "ok" not in _state:
-            try:
-                _state["ok"] = _build()
-            except Exception as exc:  # any compiler/loader failure means "use the torch path"
-                msg = str(exc).strip()
-                warnings.warn(
-                    f"llama2: could not build the fast CPU quantizers ({type(exc).__name__}: "
-                    f"{msg.splitlines()[-1] if msg else ''}); quantizing with the slower pure-torch "
-                    "path. Set LLAMA2_NO_KERNELS=1 to silence this.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                _state["ok"] = False
-    return _state["ok"]
+    return load_once(
+        _state, _lock, lambda: build_extension(_SOURCE, _NAMESPACE, _PREFIX), "fast CPU quantizers"
+    )
 
 
 def fast_quantize_usable(x: Tensor) -> bool:

@@ -656,6 +656,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(_handler=_cmd_quantize)
 
+    plan_help = "memory a model needs (weights, KV cache, activations) for a scheme, context and batch"
+    p = sub.add_parser("plan", help=plan_help, description=plan_help + "; reads no tensor data")
+    if words[:1] == ["plan"]:  # torch is imported only for this command
+        from llama2.plan import add_arguments as add_plan_arguments
+        from llama2.plan import run as run_plan
+
+        add_plan_arguments(p)
+        p.set_defaults(_handler=run_plan)
+
     serve_help = "OpenAI-compatible HTTP server with continuous batching (127.0.0.1 by default)"
     p = sub.add_parser("serve", help=serve_help, description=serve_help)
     if words[:1] == ["serve"]:  # FastAPI/uvicorn are imported only for this command

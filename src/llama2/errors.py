@@ -29,3 +29,7 @@ class DialogError(Llama2Error, ValueError):
 
 class GenerationError(Llama2Error, ValueError):
     """Generation parameters are invalid (e.g. prompt longer than the context window)."""
+
+
+class OutOfMemoryError(Llama2Error):
+    """A model, its KV cache and activations will not fit in the memory available on the device."""

@@ -100,11 +100,39 @@ def test_saved_quantized_checkpoint_loads_as_stored(tmp_path: Path, spec: str) -
         load_model(out_dir, quantize="int8", progress=False)
 
 
-def test_unfit_shape_names_the_layer(tmp_path: Path) -> None:
-    args = ModelArgs(dim=64, n_layers=1, n_heads=2, vocab_size=96, hidden_dim=96, max_seq_len=16)
-    path = save_checkpoint(Transformer(args), args, tmp_path / "small")
-    with pytest.raises(ConfigError, match=r"layers\.0\.attention\.wq.*q4_k"):
-        load_model(path, quantize="q4_k", progress=False)
+def test_layers_the_scheme_cannot_hold_stay_float(tmp_path: Path) -> None:
+    """q4_k needs rows of whole 256-value blocks: with dim 256 and hidden 320, w2 (in 320) cannot take
+    it, stays float (with a warning naming it), and saving/re-loading keeps that split."""
+    args = ARGS.replace(hidden_dim=320)
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    path = save_checkpoint(model, args, tmp_path / "float")
+    unfit = r"2 layers cannot be quantized with q4_k.*layers\.0\.feed_forward\.w2"
+    with pytest.warns(UserWarning, match=unfit):
+        loaded = load_model(path, quantize="q4_k", progress=False)
+    blocks = loaded.model.layers
+    assert isinstance(blocks[0].feed_forward.w1, QuantizedLinear)
+    assert type(blocks[0].feed_forward.w2) is torch.nn.Linear
+    with torch.no_grad():
+        expected = loaded.model(TOKENS)
+    out_dir = save_checkpoint(
+        loaded.model, args, tmp_path / "q4_k", metadata=quantization_metadata(QuantConfig("q4_k"))
+    )
+    again = load_model(out_dir, progress=False)
+    assert type(again.model.layers[1].feed_forward.w2) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(again.model(TOKENS), expected)
+
+
+def test_refuses_early_when_it_will_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import llama2.plan
+    from llama2.errors import OutOfMemoryError
+
+    path = save_checkpoint(_model(), ARGS, tmp_path / "m")
+    monkeypatch.setattr(llama2.plan, "available_memory", lambda device=None: 1 << 20)  # 1 MiB free
+    with pytest.raises(OutOfMemoryError, match="nf4"):
+        load_model(path, progress=False)
+    load_model(path, progress=False, check_memory=False)  # the check can be turned off
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import mmap
 import pickle
 import pickletools
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -170,6 +171,7 @@ def load_model(
     max_seq_len: int | None = None,
     progress: bool = True,
     quantize: QuantConfig | str | None = None,
+    check_memory: bool = True,
 ) -> LoadedModel:
     """Load a checkpoint of any supported format into a `Transformer`.
 
@@ -190,7 +192,11 @@ def load_model(
             one tensor at a time as they are read from the memory-mapped source, whose pages are then
             released, so peak memory is about the quantized model plus one float tensor. Checkpoints
             that are already quantized (our format with a scheme in its metadata, GGUF block types)
-            load as stored without this argument.
+            load as stored without this argument. Layers whose shape the scheme cannot hold stay
+            in floating point (a warning names them).
+        check_memory: before reading any tensor, estimate the weights, the KV cache of one
+            sequence over the context window and the prefill activations (`llama2.plan`), and
+            raise `OutOfMemoryError` when they will not fit in the device's available memory.
 
     Returns:
         A `LoadedModel` with the model in eval mode.
@@ -199,8 +205,9 @@ def load_model(
         CheckpointError: unknown format, missing path, truncated file, missing/unexpected tensor or a
             shape mismatch; the message names the file and the tensor.
         UnsafeCheckpointError: a pickle that references anything but tensors (its code never runs).
-        ConfigError: an invalid scheme, a layer shape the scheme cannot hold, or a scheme asked for
-            a checkpoint already quantized differently.
+        ConfigError: an invalid scheme, or a scheme asked for a checkpoint already quantized
+            differently.
+        OutOfMemoryError: the model will not fit (see `check_memory`).
     """
     contents = read_checkpoint(path)
     args = contents.args
@@ -220,15 +227,24 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(args)
     float_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    target_dtype = _target_dtype(contents, dtype, target_device)
     if stored is not None:  # the file holds the quantized modules' buffers: check against those
-        _swap_in(model, {name: stored for name in target_names(model, stored.include_output)})
+        stored_dtypes = {src.name: src.dtype for src in contents.tensors}
+        layers = [  # a layer the scheme could not hold was saved in floating point
+            name
+            for name in target_names(model, stored.include_output)
+            if not stored_dtypes.get(f"{name}.weight", torch.float32).is_floating_point
+        ]
+        _swap_in(model, dict.fromkeys(layers, stored))
         _check_names_and_shapes(contents, {n: tuple(t.shape) for n, t in model.state_dict().items()})
         plan: dict[str, QuantConfig] = {}
     else:
         _check_names_and_shapes(contents, float_shapes)
-        plan = _quant_plan(model, contents, requested)
+        plan = _quant_plan(model, contents, requested, target_dtype)
         _swap_in(model, plan)
-    target_dtype = _target_dtype(contents, dtype, target_device)
+    if check_memory:
+        context = max_seq_len if max_seq_len is not None else args.max_seq_len
+        _check_memory(model, args, stored or requested, target_dtype, target_device, context)
     quantized = {name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
     from tqdm import tqdm
@@ -291,10 +307,12 @@ def load_model(
 
 
 def _quant_plan(
-    model: Transformer, contents: CheckpointContents, requested: QuantConfig | None
+    model: Transformer, contents: CheckpointContents, requested: QuantConfig | None, dtype: torch.dtype
 ) -> dict[str, QuantConfig]:
     """Which linears become which quantized modules: GGUF block tensors keep their type; with
-    `requested`, the other projection layers (and `output` if asked) are quantized while loading."""
+    `requested`, the other projection layers (and `output` if asked) are quantized while loading,
+    except layers whose shape the scheme cannot hold (e.g. q4_k needs rows of whole 256-value
+    blocks): those stay in `dtype`, with a warning naming them, as llama.cpp falls back per tensor."""
     linears = set(target_names(model, include_output=True))
     plan: dict[str, QuantConfig] = {}
     for src in contents.tensors:
@@ -309,9 +327,69 @@ def _quant_plan(
         compute = requested.compute_dtype if requested is not None else None
         plan[module_name] = QuantConfig(src.qtype, compute_dtype=compute)
     if requested is not None:
+        unfit: dict[str, str] = {}
         for name in target_names(model, requested.include_output):
-            plan.setdefault(name, requested)
+            if name in plan:
+                continue
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                continue
+            try:
+                empty_module(linear.in_features, linear.out_features, requested, "meta")
+            except ConfigError as err:
+                unfit[name] = str(err)
+                continue
+            plan[name] = requested
+        if unfit:
+            first, reason = next(iter(unfit.items()))
+            more = f" and {len(unfit) - 1} more" if len(unfit) > 1 else ""
+            warnings.warn(
+                f"{len(unfit)} layers cannot be quantized with {requested.scheme} and stay in "
+                f"{str(dtype).removeprefix('torch.')}: {first}{more} ({reason})",
+                UserWarning,
+                stacklevel=3,
+            )
     return plan
+
+
+def _check_memory(
+    model: Transformer,
+    args: ModelArgs,
+    scheme: QuantConfig | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    context: int,
+) -> None:
+    """Refuse to load, before reading any tensor, a model that will not fit on `device`.
+
+    The weights are counted exactly from the (meta) model as it will be filled; the KV cache of one
+    sequence over the context window and the prefill activations come from `llama2.plan`.
+    """
+    import dataclasses
+
+    from llama2.plan import check_fits, estimate_memory
+
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    linear = output = embedding = norms = 0
+    for name, t in model.state_dict().items():
+        module_name = name.rsplit(".", 1)[0]
+        nbytes = t.numel() * (t.element_size() if module_name in quantized else dtype.itemsize)
+        if module_name == "output":
+            output += nbytes
+        elif module_name == "tok_embeddings":
+            embedding += nbytes
+        elif name.endswith("norm.weight"):
+            norms += nbytes
+        else:
+            linear += nbytes
+    try:
+        plan = estimate_memory(args, scheme=scheme, dtype=dtype, max_seq_len=context, batch_size=1)
+    except ConfigError:  # some layers stay in floating point: plan KV cache and activations without it
+        plan = estimate_memory(args, scheme=None, dtype=dtype, max_seq_len=context, batch_size=1)
+    exact = dataclasses.replace(
+        plan, linear_bytes=linear, output_bytes=output, embedding_bytes=embedding, norm_bytes=norms
+    )
+    check_fits(exact, device)
 
 
 def _swap_in(model: Transformer, plan: dict[str, QuantConfig]) -> None:

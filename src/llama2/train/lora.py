@@ -9,12 +9,20 @@ so the adapted model starts exactly equal to the base. The base can be any modul
 `in_features`, `out_features` and a forward (an `nn.Linear`, or a quantized linear for QLoRA): only A
 and B train. Adapters are saved alone (`adapter.safetensors` + `adapter_config.json`, a few hundred
 kB) and can be merged into the weights (`W + (alpha / r) B A`) to get a plain checkpoint again.
+
+QLoRA (Dettmers et al. 2023): over a `llama2.quant.QuantizedLinear` base (e.g. NF4) the frozen
+product goes through `FrozenQuantizedMatmul`, an autograd function that runs the base's own
+forward (its fused kernel where there is one) and, in backward, dequantizes the weight again to
+compute the input's gradient `grad_x = grad_y @ W`: no float copy of the weight is kept between
+forward and backward (as bitsandbytes' `MatMul4Bit`), and the quantized buffers never change.
+Merging into a quantized base dequantizes it: the merged layer is a float `nn.Linear`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from llama2.errors import CheckpointError, ConfigError
+from llama2.quant.linear import QuantizedLinear
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -87,6 +96,58 @@ class LoRAConfig:
             ) from None
 
 
+class FrozenQuantizedMatmul(torch.autograd.Function):
+    """y = base(x) for a frozen `QuantizedLinear`, differentiable in x only.
+
+    Forward calls the base module (no autograd graph, so its CPU kernels may run); backward
+    dequantizes the weight in the base's compute dtype, computes grad_y @ W and drops it, so only
+    x's shape and the module are saved for backward, never a float weight.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, base: QuantizedLinear) -> Tensor:
+        ctx.base = base
+        ctx.x_dtype = x.dtype
+        out: Tensor = base(x.detach())  # (..., out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        base: QuantizedLinear = ctx.base
+        dtype = base.compute_dtype or ctx.x_dtype
+        w = base.dequantize_weight(dtype)  # (out, in), recomputed, freed on return
+        grad_x = (grad_out.to(dtype) @ w).to(ctx.x_dtype)  # (..., in)
+        return grad_x, None
+
+
+def _frozen_quantized_forward(self: QuantizedLinear, x: Tensor) -> Tensor:
+    """`QuantizedLinear.forward`, but through `FrozenQuantizedMatmul` when x needs a gradient."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        out: Tensor = FrozenQuantizedMatmul.apply(x, self)  # type: ignore[no-untyped-call]
+        return out
+    return type(self).forward(self, x)
+
+
+def freeze_quantized(model: nn.Module) -> int:
+    """Make every `QuantizedLinear` in `model` backpropagate to its input without saving a float
+    weight (see `FrozenQuantizedMatmul`); returns how many. Its buffers and state dict are untouched.
+
+    Needed for QLoRA: gradients of the adapters in early layers flow through every later frozen
+    quantized layer (wk, wo, w1..w3, not only the adapted ones), and a plain dequantize + `F.linear`
+    would keep each of those float weights alive until backward.
+    """
+    n = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            if not getattr(module, "_frozen_backward", False):
+                module.forward = types.MethodType(_frozen_quantized_forward, module)  # type: ignore[method-assign]
+                setattr(module, "_frozen_backward", True)  # noqa: B010 - nn.Module attribute typing
+            n += 1
+    return n
+
+
 class LoRALinear(nn.Module):
     """A frozen base linear plus a trainable low-rank update (see the module docstring).
 
@@ -112,13 +173,16 @@ class LoRALinear(nn.Module):
         ref = next(iter(base.parameters()), None)
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
         device = ref.device if ref is not None else None
+        if isinstance(base, QuantizedLinear):  # QLoRA: float32 adapters next to the quantized buffers
+            freeze_quantized(base)
+            device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's init; B = 0 => no change
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.base(x)  # (..., out)
+        out: Tensor = self.base(x)  # (..., out); a quantized base saves no float weight (freeze_quantized)
         a: Tensor = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r)
         return out + (a @ self.lora_B.t()).to(out.dtype) * self.scale  # (..., out)
 
@@ -127,7 +191,10 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scale
 
     def base_weight(self) -> Tensor:
-        """The base's dense weight (out, in): `.weight` of a linear, or `.dequantize()` of a quantized one."""
+        """The base's dense weight (out, in): `.weight` of a linear, or a quantized base's weight
+        dequantized (`dequantize_weight`) in its compute dtype (float32 when it has none)."""
+        if isinstance(self.base, QuantizedLinear):
+            return self.base.dequantize_weight(self.base.compute_dtype or torch.float32)
         deq = getattr(self.base, "dequantize", None)
         if callable(deq):
             w = deq()
@@ -142,7 +209,10 @@ class LoRALinear(nn.Module):
         )
 
     def merge(self) -> nn.Linear:
-        """A plain `nn.Linear` whose weight is base + scale * B @ A (in the base weight's dtype)."""
+        """A plain `nn.Linear` whose weight is base + scale * B @ A (in the base weight's dtype).
+
+        A quantized base is dequantized: the result is a float layer (re-quantize the merged model
+        with `llama2 quantize` if wanted; adding B @ A to the codes is not possible exactly)."""
         w = self.base_weight()
         merged = nn.Linear(self.in_features, self.out_features, bias=False, device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -177,6 +247,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """
     for p in model.parameters():
         p.requires_grad_(False)
+    freeze_quantized(model)
     names = {id(m): n for n, m in model.named_modules()}
     targets = _targets(model, cfg.target_modules)
     if not targets:
@@ -209,6 +280,25 @@ def merge_lora(model: nn.Module) -> int:
                 n += 1
     for p in model.parameters():
         p.requires_grad_(True)
+    return n
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Replace every `QuantizedLinear` of `model` (outside LoRA wrappers too) by a float `nn.Linear`
+    holding its dequantized weight, in place; returns how many. Used to save a merged QLoRA model as
+    a plain float checkpoint."""
+    n = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, QuantizedLinear):
+                w = child.dequantize_weight(dtype)  # (out, in)
+                dense = nn.Linear(
+                    child.in_features, child.out_features, bias=False, device=w.device, dtype=dtype
+                )
+                with torch.no_grad():
+                    dense.weight.copy_(w)
+                setattr(module, child_name, dense)
+                n += 1
     return n
 
 

@@ -7,11 +7,15 @@
    answer-only loss mask, and pack several per row (`llama2.data.sft`; attention may cross dialogs,
    see there); hold out `val_fraction` of them (or read `val_data`);
 3. with `lora_rank > 0`, swap the `lora_targets` linears for `LoRALinear` and train only the
-   adapters; else train every weight;
+   adapters; else train every weight. With `quantize_base = "nf4"` (QLoRA) the base is loaded
+   quantized (`load_model(..., quantize=...)`, any `llama2.quant` scheme) and stays so: only the
+   float32 adapters train, gradients flow through the frozen 4-bit layers (`llama2.train.lora`);
+   it requires `lora_rank > 0`;
 4. run `llama2.train.loop.train` with `sft_loss` (mean cross-entropy over answer tokens);
 5. save: full fine-tuning writes the model to `<out_dir>/model`; LoRA writes the adapters to
    `<out_dir>/adapter` (`adapter.safetensors` + `adapter_config.json`) and, with `merge = true`,
-   also the merged full model to `<out_dir>/model`.
+   also the merged full model to `<out_dir>/model` (over a quantized base: every layer dequantized,
+   a float checkpoint in `save_dtype`; re-quantize it with `llama2 quantize` if wanted).
 
 Defaults follow the paper's SFT recipe (lr 2e-5, cosine schedule, weight decay 0.1, 2 epochs) except
 where a small model needs otherwise — set `lr`, `max_steps` in the config.
@@ -41,7 +45,14 @@ from llama2.data.sft import (
 from llama2.errors import ConfigError
 from llama2.tokenizer import Tokenizer
 from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, save_resolved_config, train
-from llama2.train.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
+from llama2.train.lora import (
+    LoRAConfig,
+    apply_lora,
+    dequantize_linears,
+    lora_parameters,
+    merge_lora,
+    save_adapter,
+)
 from llama2.train.pretrain import parse_save_dtype, save_model
 
 
@@ -59,6 +70,7 @@ class SFTConfig(LoopConfig):
     lora_alpha: float = 16.0  # LoRA update scale numerator (scale = alpha / rank)
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["wq", "wv"])  # linears that get adapters
+    quantize_base: str | None = None  # QLoRA: load the base quantized ("nf4"); needs lora_rank > 0
     merge: bool = False  # LoRA only: also write the merged full model to <out_dir>/model
     save_dtype: str = "float32"  # dtype of saved full models: float32 | bfloat16 | float16
     resume: bool = False  # continue from <out_dir>/checkpoints/latest
@@ -125,7 +137,15 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
             "merge = true needs LoRA (lora_rank > 0); full fine-tuning already saves a full model"
         )
 
-    loaded = load_model(cfg.base, dtype=torch.float32, progress=False)
+    if cfg.quantize_base is not None and lora_cfg is None:
+        raise ConfigError(
+            f"quantize_base = {cfg.quantize_base!r} (QLoRA) trains LoRA adapters over a frozen quantized "
+            "base; set lora_rank > 0 (e.g. 8), or drop quantize_base for full fine-tuning"
+        )
+    if cfg.quantize_base is not None:
+        loaded = load_model(cfg.base, dtype=torch.float32, progress=False, quantize=cfg.quantize_base)
+    else:
+        loaded = load_model(cfg.base, dtype=torch.float32, progress=False)
     model, args = loaded.model, loaded.args
     tok_path = Path(cfg.tokenizer) if cfg.tokenizer else loaded.tokenizer_path
     if tok_path is None:
@@ -176,6 +196,7 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
         adapter_dir = save_adapter(model, lora_cfg, out_dir / "adapter", base=str(cfg.base))
         if cfg.merge:
             merge_lora(model)
+            dequantize_linears(model)  # a QLoRA base: the merged model is saved in float
             model_dir = save_model(model, args, out_dir / "model", tok_path, save_dtype)
     else:
         model_dir = save_model(model, args, out_dir / "model", tok_path, save_dtype)

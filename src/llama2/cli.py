@@ -656,6 +656,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(_handler=_cmd_quantize)
 
+    bench_help = "prompt-processing / generation tokens/s, load time and peak memory (like llama-bench)"
+    p = sub.add_parser("bench", help=bench_help, description=bench_help)
+    if words[:1] == ["bench"]:  # torch is imported only for this command
+        from llama2.bench import add_arguments as add_bench_arguments
+        from llama2.bench import run as run_bench
+
+        add_bench_arguments(p)
+        p.set_defaults(_handler=run_bench)
+
     plan_help = "memory a model needs (weights, KV cache, activations) for a scheme, context and batch"
     p = sub.add_parser("plan", help=plan_help, description=plan_help + "; reads no tensor data")
     if words[:1] == ["plan"]:  # torch is imported only for this command

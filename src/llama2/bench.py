@@ -43,7 +43,7 @@ from llama2.config import PRESETS, ModelArgs
 from llama2.errors import ConfigError, GenerationError
 from llama2.model import Transformer
 from llama2.model.kv_cache import KVCache
-from llama2.quant import QuantConfig, quantize_model
+from llama2.quant import QuantConfig, accelerate, quantize_model
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -335,6 +335,7 @@ def random_model(
             print(f"\r  building block {i + 1}/{len(blocks)}", end="", file=sys.stderr, flush=True)
     if progress and sys.stderr.isatty():
         print(file=sys.stderr)
+    accelerate(model)  # bf16/fp16 linears -> the CPU kernels, as load_model does
     return model.eval()
 
 

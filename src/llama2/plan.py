@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_leaves
 
 from llama2.config import PRESETS, ModelArgs, preset
 from llama2.errors import ConfigError, OutOfMemoryError
+from llama2.model.kv_cache import default_cache_dtype
 from llama2.quant.convert import BLOCK_LINEARS, QuantConfig
 from llama2.quant.gguf_blocks import BLOCK_SIZES
 from llama2.quant.nf4 import NESTED_BLOCKSIZE
@@ -190,6 +191,7 @@ def estimate_memory(
     include_output: bool = False,
     full_logits: bool = False,
     measure_kernels: bool = False,
+    device: torch.device | str = "cpu",
 ) -> MemoryPlan:
     """Plan the memory of `args` loaded with `scheme` in `dtype`, with a `batch_size x max_seq_len` cache.
 
@@ -199,13 +201,14 @@ def estimate_memory(
         dtype: dtype of the float weights (embeddings, norms, unquantized linears) and activations.
         max_seq_len: positions of the KV cache and length of the planned prefill.
         batch_size: sequences decoded together.
-        kv_dtype: KV-cache dtype; default as `Transformer.setup_caches`: the output head's dtype,
-            float32 when the head is quantized.
+        kv_dtype: KV-cache dtype; default as `Transformer.setup_caches` (`default_cache_dtype`):
+            float32 on CPU, elsewhere the output head's dtype (float32 when it is quantized).
         include_output: quantize the output head too (when `scheme` is a name; a QuantConfig says it).
         full_logits: plan for (B, T, vocab) float32 logits (perplexity, echo) instead of the last
             position's only (generation).
         measure_kernels: measure the quantized layers' transient buffers on probe layers (about a
             second) instead of using `default_linear_cost`.
+        device: where the model will run (it sets the default KV-cache dtype).
 
     Raises:
         ConfigError: non-positive sizes or an unknown scheme/dtype.
@@ -238,7 +241,7 @@ def estimate_memory(
     else:
         output = v * d * s
     if kv_dtype is None:
-        kv_dtype = torch.float32 if head_quantized else dtype
+        kv_dtype = default_cache_dtype(None if head_quantized else dtype, device)
     kv = 2 * args.n_layers * batch_size * max_seq_len * args.kv_heads * args.head_dim * kv_dtype.itemsize
     act = activation_bytes(
         args, config, dtype, max_seq_len, batch_size, kv_dtype, full_logits, measure_kernels
@@ -484,6 +487,7 @@ def _suggestions(plan: MemoryPlan, budget: int) -> list[str]:
             dtype=plan.dtype,
             max_seq_len=plan.max_seq_len,
             batch_size=plan.batch_size,
+            kv_dtype=plan.kv_dtype,
         )
         out.append(f"a 4-bit scheme (--quantize nf4: {format_bytes(nf4.total_bytes)} in all)")
     if plan.dtype == torch.float32:
@@ -570,6 +574,7 @@ def run(ns: argparse.Namespace) -> int:
         max_seq_len=seq,
         batch_size=ns.batch_size,
         full_logits=ns.full_logits,
+        device=ns.device,
     )
     print(format_plan(plan, source, ns.device))
     return 0 if fits(plan, ns.device) else 1

@@ -1,54 +1,20 @@
-"""Fixtures for model tests: a tiny random transformers `LlamaForCausalLM` (the oracle) and the same
-weights in our `Transformer` (q/k rows un-permuted to Meta's rotary layout)."""
+"""Fixtures for model tests (helpers live in model_support.py)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from model_support import ARGS, build_ours, make_pair
+from transformers import LlamaForCausalLM
 
-from llama2.checkpoint import keymaps
 from llama2.config import ModelArgs
 from llama2.model import Transformer
-
-ARGS = ModelArgs(
-    dim=64,
-    n_layers=2,
-    n_heads=8,
-    n_kv_heads=2,
-    vocab_size=80,
-    hidden_dim=96,
-    norm_eps=1e-5,
-    rope_theta=1e6,
-    max_seq_len=32,
-)
 
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[LlamaForCausalLM, ModelArgs, dict[str, torch.Tensor]]:
-    """(HF model, our args, our state dict) with identical weights."""
-    cfg = LlamaConfig(**ARGS.to_hf_config())
-    hf = LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            else:
-                std = 1.0 if "embed" in name else 1.5 / math.sqrt(p.shape[1])
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    sd: dict[str, torch.Tensor] = {}
-    for hf_name, t in hf.state_dict().items():
-        name = keymaps.rename(hf_name, keymaps.HF_TO_META)
-        assert name is not None
-        if name.endswith("wq.weight"):
-            t = keymaps.hf_to_meta_qk(t, ARGS.n_heads)
-        elif name.endswith("wk.weight"):
-            t = keymaps.hf_to_meta_qk(t, ARGS.kv_heads)
-        sd[name] = t.clone()
-    return hf, ARGS, sd
+    """(HF model, our args, our state dict) with identical weights (GQA: 8 query, 2 KV heads)."""
+    return make_pair(ARGS)
 
 
 @pytest.fixture
@@ -56,7 +22,4 @@ def ours(pair: tuple[LlamaForCausalLM, ModelArgs, dict[str, torch.Tensor]]) -> T
     """A fresh `Transformer` with the pair's weights, built on the meta device and assigned (as the
     checkpoint loader does)."""
     _, args, sd = pair
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True)
-    return model.eval()
+    return build_ours(args, sd)

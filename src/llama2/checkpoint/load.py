@@ -383,9 +383,13 @@ def _check_memory(
         else:
             linear += nbytes
     try:
-        plan = estimate_memory(args, scheme=scheme, dtype=dtype, max_seq_len=context, batch_size=1)
+        plan = estimate_memory(
+            args, scheme=scheme, dtype=dtype, max_seq_len=context, batch_size=1, device=device
+        )
     except ConfigError:  # some layers stay in floating point: plan KV cache and activations without it
-        plan = estimate_memory(args, scheme=None, dtype=dtype, max_seq_len=context, batch_size=1)
+        plan = estimate_memory(
+            args, scheme=None, dtype=dtype, max_seq_len=context, batch_size=1, device=device
+        )
     exact = dataclasses.replace(
         plan, linear_bytes=linear, output_bytes=output, embedding_bytes=embedding, norm_bytes=norms
     )

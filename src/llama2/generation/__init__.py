@@ -1,5 +1,6 @@
 """Token generation: sampling functions and the batched, streaming generator."""
 
+from llama2.generation.decode import DecodeStep, decode_one_token
 from llama2.generation.generator import FinishReason, GenerationResult, Generator, TokenEvent
 from llama2.generation.sampling import (
     Sampler,
@@ -14,6 +15,7 @@ from llama2.generation.sampling import (
 )
 
 __all__ = [
+    "DecodeStep",
     "FinishReason",
     "GenerationResult",
     "Generator",
@@ -22,6 +24,7 @@ __all__ = [
     "TokenEvent",
     "apply_presence_frequency_penalty",
     "apply_repetition_penalty",
+    "decode_one_token",
     "make_sampler",
     "min_p_mask",
     "sample_top_p",

@@ -22,12 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llama2.errors import GenerationError
+from llama2.generation.decode import DecodeStep
 from llama2.generation.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from llama2.model import Transformer
 
 FinishReason = Literal["stop", "length"]
+
+# With a compiled decode step the KV cache length is rounded up to a multiple of this, so that
+# generations of similar lengths reuse one cache (and one compiled graph).
+CACHE_ROUND = 256
 
 
 class TokenizerLike(Protocol):
@@ -219,6 +224,7 @@ class Generator:
         *,
         max_seq_len: int | None = None,
         detokenizer_factory: Callable[[TokenizerLike], Detokenizer] | None = None,
+        compile: bool | str = False,
     ) -> None:
         """Wrap a model and tokenizer.
 
@@ -228,6 +234,10 @@ class Generator:
             max_seq_len: context window in tokens (default: the model's `args.max_seq_len`).
             detokenizer_factory: builds the streaming detokenizer for a sequence (default:
                 `llama2.tokenizer.StreamingDetokenizer`).
+            compile: run one-token decode steps through `torch.compile` (True: mode "default", or
+                a mode name from `llama2.generation.decode.COMPILE_MODES`). The first generation
+                pays the compilation (minutes on a small CPU, once per batch size and cache shape);
+                the KV cache is then kept at a fixed size (rounded up to CACHE_ROUND positions).
         """
         self.model = model
         self.tokenizer = tokenizer
@@ -235,6 +245,8 @@ class Generator:
         if self.max_seq_len <= 0:
             raise GenerationError(f"max_seq_len must be positive, got {self.max_seq_len}")
         self.detokenizer_factory = detokenizer_factory or _default_detokenizer
+        mode = "default" if compile is True else (compile or None)
+        self.decode_step: DecodeStep | None = DecodeStep(model, compile=mode) if mode else None
 
     # ------------------------------------------------------------------------------ public
     def generate(
@@ -300,6 +312,9 @@ class Generator:
     def _forward(self, tokens: Tensor, start_pos: int, last_only: bool) -> Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only (skips the head elsewhere)."""
         model = self.model
+        if self.decode_step is not None and tokens.shape[1] == 1 and last_only:
+            positions = torch.full((tokens.shape[0],), start_pos, dtype=torch.long, device=tokens.device)
+            return self.decode_step(tokens, positions)[:, None]  # (B, 1, V)
         if last_only and tokens.shape[1] > 1 and hasattr(model, "hidden_states"):
             h = model.hidden_states(tokens, start_pos)[:, -1:]  # (B, 1, dim)
             head: Tensor = model.output(h)  # (B, 1, V)
@@ -310,6 +325,8 @@ class Generator:
     def _ensure_cache(self, batch: int, length: int) -> None:
         cache = self.model.cache
         if cache is None or cache.max_batch_size < batch or cache.max_seq_len < length:
+            if self.decode_step is not None:  # a fixed size, so the compiled graph is reused
+                length = max(length, min(self.max_seq_len, -(-length // CACHE_ROUND) * CACHE_ROUND))
             self.model.setup_caches(batch, length)
 
     def _validate(
@@ -430,9 +447,11 @@ class Generator:
         last = logits[:, -1]  # (B, V)
         generating = [cur >= n and not r.done for n, r in zip(lens, rows, strict=True)]
         sampled = sampler.sample(last, generating)  # (B,)
-        next_tok = torch.where(prompt_mask[:, cur], buf[:, cur], sampled)  # keep prompt tokens
+        in_prompt = cur < max(lens)  # some row still reads its prompt: keep its prompt token
+        next_tok = torch.where(prompt_mask[:, cur], buf[:, cur], sampled) if in_prompt else sampled
         buf[:, cur] = next_tok
-        sampler.update(next_tok, torch.tensor(generating, device=buf.device))
+        if sampler.tracks_history:
+            sampler.update(next_tok, torch.tensor(generating, device=buf.device))
         if token_lp is not None:  # Meta's echo: logprob of every token in this chunk
             token_lp[:, prev + 1 : cur + 1] = -F.cross_entropy(
                 logits.transpose(1, 2), buf[:, prev + 1 : cur + 1], reduction="none"

@@ -282,6 +282,11 @@ class Sampler:
                         )
                     self.bias[i, int(tok)] = float(value)
 
+    @property
+    def tracks_history(self) -> bool:
+        """True when `update` records anything (repetition, presence or frequency penalties)."""
+        return self.seen is not None or self.counts is not None
+
     def process(self, logits: Tensor) -> Tensor:
         """Penalties and bias on raw logits (B, V) -> processed float32 logits (B, V)."""
         x = logits.float()

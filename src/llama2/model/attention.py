@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -9,17 +10,26 @@ from llama2.config import ModelArgs
 from llama2.model.kv_cache import KVCache
 from llama2.model.layers import apply_rotary
 
+# `scaled_dot_product_attention(enable_gqa=True)` (torch >= 2.5) reads grouped KV heads in place.
+SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    """(B, L, Hkv, D) -> (B, L, Hkv * n_rep, D); query head h reads KV head h // n_rep."""
+    """(B, Hkv, L, D) -> (B, Hkv * n_rep, L, D); query head h reads KV head h // n_rep (a copy)."""
     if n_rep == 1:
         return x
-    b, s, h, d = x.shape
-    return x[:, :, :, None, :].expand(b, s, h, n_rep, d).reshape(b, s, h * n_rep, d)
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query when n_kv_heads < n_heads) causal self-attention."""
+    """Multi-head (or grouped-query when n_kv_heads < n_heads) causal self-attention.
+
+    Grouped KV heads are never expanded to the query heads: for one new token (decode) the n_rep
+    query heads sharing a KV head become n_rep query rows of that head, q (B, Hkv, n_rep, D)
+    against k (B, Hkv, L, D); for longer inputs SDPA's `enable_gqa` does the same (torch < 2.5
+    falls back to `repeat_kv`).
+    """
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -36,32 +46,59 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        positions: Tensor,
+        freqs: Tensor,
+        positions: Tensor | None,
         mask: Tensor | None,
         kv_len: int,
         start_pos: int | None,
         slots: Tensor | None,
     ) -> Tensor:
-        """x: (B, T, dim); cos/sin: (B, T, D/2); positions: (B, T); mask: (B, 1, T, kv_len) bool or None."""
+        """Attend over the cache (or, without one, causally over x).
+
+        Args:
+            x: (B, T, dim).
+            freqs: rotary (cos, sin), (B|1, T, 1, D/2, 2) float32.
+            positions: (B, T) int64, or None when every row starts at `start_pos`.
+            mask: additive (B, 1, T, kv_len) in x's dtype (0 where visible, -inf elsewhere), or
+                None: every query sees all `kv_len` keys (decode) or, without a cache, is causal.
+            kv_len: cache positions attended to.
+            start_pos: the common first position, or None (per-row positions).
+            slots: (B,) cache rows, or None.
+        """
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        q = apply_rotary(q, freqs)
+        k = apply_rotary(k, freqs)
         if self.cache is not None:
-            k, v = self.cache.update(k, v, positions, kv_len, start_pos, slots)  # (B, L, Hkv, D)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        keys = repeat_kv(k, self.n_rep).transpose(1, 2)  # (B, H, L, D)
-        values = repeat_kv(v, self.n_rep).transpose(1, 2)  # (B, H, L, D)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # (B, H, T, D)
-            keys,
-            values,
-            attn_mask=mask,
-            is_causal=mask is None and self.cache is None and seqlen > 1,
-        )  # (B, H, T, D)
-        result: Tensor = self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (B, T, dim)
+            keys, values = self.cache.update(k, v, positions, kv_len, start_pos, slots)  # (B, Hkv, L, D)
+            if keys.dtype != q.dtype:  # attend in the wider dtype (a float32 cache: float32 SDPA)
+                wide = torch.promote_types(q.dtype, keys.dtype)
+                q, keys, values = q.to(wide), keys.to(wide), values.to(wide)
+        else:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
+        if mask is not None and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)
+        causal = mask is None and seqlen > 1  # no mask for T > 1: the keys are exactly the new tokens
+        if seqlen == 1:
+            # Fold the query heads of each KV head into the query-length dim (no copy of anything).
+            qf = q.view(bsz, self.n_kv_heads, self.n_rep, self.head_dim)  # (B, Hkv, n_rep, D)
+            out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask)  # (B, Hkv, n_rep, D)
+            result: Tensor = self.wo(out.reshape(bsz, 1, -1).to(x.dtype))  # (B, 1, dim)
+            return result
+        qt = q.transpose(1, 2)  # (B, H, T, D)
+        if SDPA_GQA:
+            out = F.scaled_dot_product_attention(
+                qt, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.n_rep > 1
+            )  # (B, H, T, D)
+        else:  # pragma: no cover - torch < 2.5
+            out = F.scaled_dot_product_attention(
+                qt,
+                repeat_kv(keys, self.n_rep),
+                repeat_kv(values, self.n_rep),
+                attn_mask=mask,
+                is_causal=causal,
+            )  # (B, H, T, D)
+        result = self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1).to(x.dtype))  # (B, T, dim)
         return result

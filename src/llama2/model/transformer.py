@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from llama2.config import ModelArgs
 from llama2.errors import GenerationError
 from llama2.model.attention import Attention
-from llama2.model.kv_cache import KVCache
+from llama2.model.kv_cache import KVCache, default_cache_dtype
 from llama2.model.layers import FeedForward, RMSNorm, RotaryEmbedding
 
 
@@ -28,15 +28,14 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        positions: Tensor,
+        freqs: Tensor,
+        positions: Tensor | None,
         mask: Tensor | None,
         kv_len: int,
         start_pos: int | None,
         slots: Tensor | None,
     ) -> Tensor:
-        attn = self.attention(self.attention_norm(x), cos, sin, positions, mask, kv_len, start_pos, slots)
+        attn = self.attention(self.attention_norm(x), freqs, positions, mask, kv_len, start_pos, slots)
         h: Tensor = x + attn
         out: Tensor = h + self.feed_forward(self.ffn_norm(h))
         return out
@@ -79,10 +78,13 @@ class Transformer(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        """Allocate a KV cache of `max_batch_size` x `max_seq_len` positions in every layer."""
+        """Allocate a KV cache of `max_batch_size` x `max_seq_len` positions in every layer.
+
+        `dtype` defaults to `default_cache_dtype`: float32 on CPU, else the output head's dtype.
+        """
         param = self.output.weight
-        dtype = dtype or (param.dtype if param.is_floating_point() else torch.float32)
         device = device or self.tok_embeddings.weight.device
+        dtype = dtype or default_cache_dtype(param.dtype if param.is_floating_point() else None, device)
         for layer in self.blocks:
             layer.attention.cache = KVCache(
                 max_batch_size, max_seq_len, self.args.kv_heads, self.args.head_dim, dtype, device
@@ -99,45 +101,84 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
     def hidden_states(
-        self, tokens: Tensor, start_pos: int | Tensor = 0, slots: Tensor | None = None
+        self,
+        tokens: Tensor,
+        start_pos: int | Tensor = 0,
+        slots: Tensor | None = None,
+        *,
+        kv_len: int | None = None,
     ) -> Tensor:
-        """Final normalised hidden states (B, T, dim) — the input of the output head (and of reward heads)."""
+        """Final normalised hidden states (B, T, dim) — the input of the output head (and of reward heads).
+
+        Args:
+            tokens: (B, T) int64.
+            start_pos: see the class docstring.
+            slots: see the class docstring.
+            kv_len: attend over this many leading cache positions (masked beyond each query's own
+                position). Default: up to the furthest position, which for a tensor `start_pos` reads
+                it back to the host. Pass the cache length for fixed shapes (`torch.compile`); the
+                caller then guarantees every position is below it.
+        """
         bsz, seqlen = tokens.shape
         device = tokens.device
-        offsets = torch.arange(seqlen, device=device)  # (T,)
-        common_start: int | None
-        if isinstance(start_pos, Tensor):
-            positions = start_pos.to(device=device, dtype=torch.long)[:, None] + offsets  # (B, T)
-            common_start = None
-            kv_len = int(positions.max().item()) + 1
-        else:
-            positions = (start_pos + offsets).expand(bsz, seqlen)  # (B, T)
-            common_start = start_pos
-            kv_len = start_pos + seqlen
         cache = self.cache
+        positions: Tensor | None = None  # (B, T), only for per-row start positions
+        common_start: int | None = None
+        if isinstance(start_pos, Tensor):
+            if cache is None:
+                raise GenerationError("per-row start positions need a KV cache; call setup_caches first")
+            positions = start_pos.to(device=device, dtype=torch.long)[:, None] + torch.arange(
+                seqlen, device=device
+            )  # (B, T)
+            needed = kv_len if kv_len is not None else int(positions.max().item()) + 1
+        else:
+            common_start = int(start_pos)
+            needed = common_start + seqlen
+            if kv_len is not None and cache is not None:
+                if kv_len < needed:
+                    raise GenerationError(f"kv_len {kv_len} is shorter than the last position {needed - 1}")
+                needed = kv_len
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
         mask: Tensor | None = None
         if cache is not None:
-            if kv_len > cache.max_seq_len:
+            if needed > cache.max_seq_len:
                 raise GenerationError(
-                    f"position {kv_len - 1} is past the KV cache length {cache.max_seq_len}; "
+                    f"position {needed - 1} is past the KV cache length {cache.max_seq_len}; "
                     "allocate a longer cache with setup_caches(max_seq_len=...)"
                 )
             if bsz > cache.max_batch_size and slots is None:
                 raise GenerationError(
                     f"batch of {bsz} exceeds the cache's max_batch_size {cache.max_batch_size}"
                 )
-            if seqlen > 1 or common_start is None:
-                keys = torch.arange(kv_len, device=device)  # (L,)
-                mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
-        elif common_start is None:
-            raise GenerationError("per-row start positions need a KV cache; call setup_caches first")
-        cos, sin = self.rope(positions)  # (B, T, head_dim/2) each
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
+            # No mask when the new tokens see exactly the keys up to their own: a fresh prefill
+            # (plain causal) or one token per row at a common position (decode).
+            plain = common_start is not None and (
+                (common_start == 0 and needed == seqlen) or (seqlen == 1 and needed == common_start + 1)
+            )
+            if not plain:
+                pos = positions
+                if pos is None:
+                    pos = (common_start or 0) + torch.arange(seqlen, device=device)[None]  # (1, T)
+                visible = torch.arange(needed, device=device) <= pos[:, :, None]  # (B|1, T, L)
+                mask = torch.zeros(visible.shape, dtype=h.dtype, device=device).masked_fill_(
+                    visible.logical_not(), float("-inf")
+                )[:, None]  # (B|1, 1, T, L), additive
+        if positions is not None:
+            freqs = self.rope(positions, needed, device)  # (B, T, 1, D/2, 2)
+        else:
+            freqs = self.rope(common_start or 0, seqlen, device)  # (1, T, 1, D/2, 2)
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, mask, kv_len, common_start, slots)
+            h = layer(h, freqs, positions, mask, needed, common_start, slots)
         normed: Tensor = self.norm(h)  # (B, T, dim)
         return normed
 
-    def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, slots: Tensor | None = None) -> Tensor:
-        logits: Tensor = self.output(self.hidden_states(tokens, start_pos, slots))
+    def forward(
+        self,
+        tokens: Tensor,
+        start_pos: int | Tensor = 0,
+        slots: Tensor | None = None,
+        *,
+        kv_len: int | None = None,
+    ) -> Tensor:
+        logits: Tensor = self.output(self.hidden_states(tokens, start_pos, slots, kv_len=kv_len))
         return logits.float()  # (B, T, vocab)

@@ -1,0 +1,92 @@
+"""Process-wide runtime settings for inference: CPU threads.
+
+PyTorch's default intra-op thread count is the number of logical CPUs. For memory-bound decode
+on CPUs with simultaneous multithreading, two hyperthreads of one core share its load/store units
+and caches, so one thread per physical core is as fast or faster and leaves the siblings idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from llama2.errors import ConfigError
+
+# Environment variables through which a user chooses the thread count themselves.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LLAMA2_NUM_THREADS")
+
+_configured = False  # set by the first configure_threads call that chose a count
+
+
+def physical_cores() -> int:
+    """Physical CPU cores usable by this process (hyperthread siblings counted once).
+
+    Reads Linux's sysfs topology for the CPUs in the process's affinity mask; elsewhere (or when
+    it cannot be read) falls back to the logical CPU count.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topo / "physical_package_id").read_text().strip()
+            core = (topo / "core_id").read_text().strip()
+        except OSError:
+            return max(1, len(cpus))
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Set torch's intra-op thread count for inference and return it.
+
+    Args:
+        n: threads to use. None: one per physical core (`physical_cores()`), unless the user
+            already chose: one of `THREAD_ENV_VARS` is set (LLAMA2_NUM_THREADS is applied; OMP/MKL
+            ones are left to torch, which read them at start-up), or `torch.set_num_threads` was
+            called with a count other than torch's default.
+
+    Returns:
+        The intra-op thread count now in effect.
+
+    Raises:
+        ConfigError: `n` (or LLAMA2_NUM_THREADS) is not a positive integer.
+    """
+    global _configured
+    if n is None:
+        env = os.environ.get("LLAMA2_NUM_THREADS")
+        if env is not None:
+            try:
+                n = int(env)
+            except ValueError:
+                raise ConfigError(f"LLAMA2_NUM_THREADS must be a positive integer, got {env!r}") from None
+        elif any(os.environ.get(v) for v in THREAD_ENV_VARS) or _user_set_threads():
+            return torch.get_num_threads()
+        else:
+            n = physical_cores()
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ConfigError(f"thread count must be a positive integer, got {n!r}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    _configured = True
+    return n
+
+
+def _user_set_threads() -> bool:
+    """True when someone other than `configure_threads` changed torch's default thread count.
+
+    Torch's default is the logical CPU count (OpenMP) or, in some builds, the physical one; any
+    other value was chosen by the user.
+    """
+    if _configured:
+        return False
+    logical = os.cpu_count() or 1
+    with contextlib.suppress(AttributeError, OSError):
+        logical = len(os.sched_getaffinity(0))
+    return torch.get_num_threads() not in (logical, physical_cores())

@@ -90,6 +90,9 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str, default_temp
     g.add_argument(
         "--max-seq-len", type=_int_at_least(1), help="context window in tokens (default: the checkpoint's)"
     )
+    g.add_argument(
+        "--threads", type=_int_at_least(1), help="CPU threads (default: one per physical core)"
+    )
     g.add_argument("--quiet", action="store_true", help="no loading messages or progress bar")
     s = p.add_argument_group("sampling")
     s.add_argument(
@@ -119,7 +122,9 @@ def _load(args: argparse.Namespace) -> Llama:
 
     from llama2.api import Llama
     from llama2.assets import resolve_model
+    from llama2.runtime import configure_threads
 
+    configure_threads(args.threads)
     if args.device is not None:
         try:
             device = torch.device(args.device)

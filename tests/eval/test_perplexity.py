@@ -109,7 +109,9 @@ def test_token_file_and_max_windows(setup: dict[str, Path], tmp_path: Path) -> N
     tf = build_token_file([str(setup["texts"])], setup["tok"], tmp_path / "val.bin")
     a = run_perplexity(PerplexityConfig(model=str(setup["model"]), data=[str(tf.path)], batch_size=3))
     b = run_perplexity(PerplexityConfig(model=str(setup["model"]), data=[str(setup["texts"])]))
-    assert a.nll == pytest.approx(b.nll, abs=1e-6) and a.n_tokens == b.n_tokens
+    # Same windows, other batch composition: float32 GEMMs may block (and thread) differently, so
+    # the mean NLL agrees to float32 rounding (~1e-7 relative), not bit for bit.
+    assert a.nll == pytest.approx(b.nll, rel=1e-6) and a.n_tokens == b.n_tokens
     c = run_perplexity(PerplexityConfig(model=str(setup["model"]), data=[str(setup["texts"])], max_windows=2))
     assert c.n_tokens == 48
 

@@ -62,7 +62,7 @@ class ServeConfig:
         device: torch device of the model.
         dtype: weight dtype name (float32, bfloat16, float16); None keeps the checkpoint's.
         quantize: quantization scheme applied while loading ("nf4", "int4,groupsize=64", ...), or None.
-        threads: torch intra-op threads (None: torch's default).
+        threads: torch intra-op threads (None: one per physical core, see `configure_threads`).
         log_level: uvicorn's log level.
     """
 
@@ -127,8 +127,9 @@ def build_app(
         ConfigError: no model, no tokenizer, or a bad setting.
         CheckpointError: the checkpoint cannot be read.
     """
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    from llama2.runtime import configure_threads
+
+    configure_threads(config.threads)
     tokenizer_path = config.tokenizer_path
     name = config.model_name
     if model is None:

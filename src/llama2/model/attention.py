@@ -83,8 +83,14 @@ class Attention(nn.Module):
         causal = mask is None and seqlen > 1  # no mask for T > 1: the keys are exactly the new tokens
         if seqlen == 1:
             # Fold the query heads of each KV head into the query-length dim (no copy of anything).
+            # Plain matmuls, not SDPA: torch's CPU flash kernel costs milliseconds per call for one
+            # query row (more than all of a small model's matmuls), the math is microseconds.
             qf = q.view(bsz, self.n_kv_heads, self.n_rep, self.head_dim)  # (B, Hkv, n_rep, D)
-            out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask)  # (B, Hkv, n_rep, D)
+            scores = (qf @ keys.transpose(-1, -2)) * self.head_dim**-0.5  # (B, Hkv, n_rep, L)
+            if mask is not None:
+                scores = scores + mask  # (B, 1, 1, L) broadcast over heads
+            probs = scores.float().softmax(dim=-1).to(values.dtype)  # (B, Hkv, n_rep, L)
+            out = probs @ values  # (B, Hkv, n_rep, D)
             result: Tensor = self.wo(out.reshape(bsz, 1, -1).to(x.dtype))  # (B, 1, dim)
             return result
         qt = q.transpose(1, 2)  # (B, H, T, D)

@@ -7,13 +7,19 @@ read-bandwidth reference (`torch.sum` over a 256 MiB float32 buffer) measured in
 All cases are interleaved round by round (reference, then every scheme), so machine load hits
 them alike; each figure is the median over rounds of the best of `--iters` calls.
 
-Run: `python benchmarks/quant_matmul.py [--k 2048 --n 5632 --prefill 512 --rounds 5 --json PATH]`.
+`--copies C` keeps C independent copies of every layer and times calls that run through all of
+them (the figure is per layer): with C copies larger than the last-level cache the weights come
+from memory, as in a whole model's decode step, instead of staying cache-resident.
+
+Run: `python benchmarks/quant_matmul.py [--k 2048 --n 5632 --prefill 512 --rounds 5 --copies 1
+--json PATH]`.
 `LLAMA2_NO_KERNELS=1` measures the pure-torch fallback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -62,6 +68,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     parser.add_argument("--iters", type=int, default=10, help="M=1 calls per round (best kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--copies", type=int, default=1, help="copies of each layer cycled through (M=1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
     if args.threads:
@@ -91,6 +98,7 @@ def main() -> None:
         ("q4_0", GGUFLinear.from_linear(lin, "q4_0"), torch.bfloat16),
         ("q4_k", GGUFLinear.from_linear(lin, "q4_k"), torch.bfloat16),
     ]
+    copies = {name: [mod] + [copy.deepcopy(mod) for _ in range(args.copies - 1)] for name, mod, _ in schemes}
     ref_buf = torch.randn(64 << 20)  # 256 MiB float32
     ref_bytes = ref_buf.numel() * ref_buf.element_size()
     x1 = torch.randn(1, args.k)
@@ -104,9 +112,11 @@ def main() -> None:
         ref_buf.sum()
         for _ in range(args.rounds):
             ref_gbs.append(ref_bytes / _best_s(lambda: ref_buf.sum(), 2) / 1e9)
-            for name, mod, dt in schemes:
+            for name, _mod, dt in schemes:
                 xd = x1.to(dt)
-                decode[name].append(_best_s(lambda m=mod, x=xd: m(x), args.iters))  # type: ignore[misc]
+                mods = copies[name]
+                t = _best_s(lambda ms=mods, x=xd: [m(x) for m in ms][-1], args.iters)  # type: ignore[misc]
+                decode[name].append(t / len(mods))
         for _ in range(min(args.rounds, 3) if args.prefill else 0):
             for name, mod, dt in schemes:
                 xpd = xp.to(dt)
@@ -132,7 +142,7 @@ def main() -> None:
     print(
         f"linear {args.n}x{args.k}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"kernels {'on' if kernels else 'off'}; bandwidth reference (torch.sum, 256 MiB) {bw:.1f} GB/s; "
-        f"median of {args.rounds} rounds"
+        f"median of {args.rounds} rounds; {args.copies} copies of each layer cycled at M=1"
     )
     print(
         f"| {'scheme':<20} | {'M=1 path':<17} | {'MiB':>6} | {'M=1 ms':>7} | {'GB/s':>5} | {'of bw':>5} "
@@ -151,6 +161,7 @@ def main() -> None:
             "n": args.n,
             "prefill": args.prefill,
             "threads": torch.get_num_threads(),
+            "copies": args.copies,
             "kernels": kernels,
             "bandwidth_gbs": bw,
             "bandwidth_samples_gbs": ref_gbs,

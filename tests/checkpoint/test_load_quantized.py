@@ -22,7 +22,7 @@ from llama2.checkpoint.save import export_hf, export_meta, save_checkpoint
 from llama2.config import ModelArgs
 from llama2.errors import ConfigError
 from llama2.model import Transformer
-from llama2.quant import QuantConfig, parse_quant_spec, quantization_metadata, quantize_model
+from llama2.quant import QuantConfig, accelerate, parse_quant_spec, quantization_metadata, quantize_model
 from llama2.quant.linear import QuantizedLinear
 
 ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=512, max_seq_len=64)
@@ -56,7 +56,8 @@ def float_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _reference(spec: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     config = parse_quant_spec(spec)
     assert config is not None
-    return quantize_model(copy.deepcopy(_model(dtype)), config)(TOKENS)  # type: ignore[operator,no-any-return]
+    model = accelerate(quantize_model(copy.deepcopy(_model(dtype)), config))  # as load_model does on CPU
+    return model(TOKENS)  # type: ignore[operator,no-any-return]
 
 
 @pytest.mark.parametrize("spec", SCHEMES)

@@ -219,3 +219,59 @@ def test_compile_traces_through_the_ops() -> None:
             warnings.simplefilter("ignore")
             compiled = torch.compile(mod, backend="eager", fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_four_bit_kernels_at_the_int16_bounds() -> None:
+    """The 8-rows-at-a-time Q4_0 / int4 kernels sum int16 partial products: codes all 0 or all 15
+    against activations quantized to +-127 reach the largest block sums (|32 * 8 * 127|)."""
+    n, k = 27, 256  # three groups of 8 rows and a 3-row tail
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    codes[0] = 0
+    codes[1] = 15
+    codes[2, ::2] = 0
+    codes[2, 1::2] = 15
+    codes[3:11] = 0  # a whole group of 8 at the extreme
+    x = torch.ones(3, k)  # every Q8_0 activation code 127
+    x[1] = -1.0
+    x[2, ::2] = -1.0
+    # Q4_0: bytes = fp16 scale, then 16 bytes (low nibbles: values 0..15, high: 16..31)
+    blocks = codes.view(n, k // 32, 2, 16)
+    packed = blocks[:, :, 0] | (blocks[:, :, 1] << 4)  # (n, nb, 16)
+    scale = torch.full((n, k // 32, 1), 0.5, dtype=torch.float16).view(torch.uint8).view(n, k // 32, 2)
+    q4 = torch.cat([scale, packed], dim=2).reshape(n, -1).contiguous()
+    mod = GGUFLinear(k, n, "q4_0")
+    mod.weight = q4
+    with torch.no_grad():
+        y = mod(x)
+    assert _rel(y, _q8_emulation(x, q4, "q4_0")) < 2e-6
+    # int4 (gpt-fast: even column in the low nibble), groupsize 64
+    i4 = Int4Linear(k, n, 64)
+    i4.weight = (codes[:, ::2] | (codes[:, 1::2] << 4)).contiguous()
+    sz = torch.empty(k // 64, n, 2)
+    sz[..., 0] = 0.25
+    sz[..., 1] = -0.5
+    i4.scales_and_zeros = sz.to(torch.bfloat16)
+    with torch.no_grad():
+        y4 = i4(x)
+    assert _rel(y4, _q8_act(x) @ i4.dequantize_weight().double().T) < 2e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mv_ops_take_half_inputs_of_any_shape(dtype: torch.dtype) -> None:
+    """The decode ops read bf16/fp16 x of shape (..., K) directly and round the float32 result
+    once, exactly as converting x to float32, calling the op, and `.to(dtype)` would."""
+    w = _weight(19, 128)
+    mods = {
+        "q4_0": GGUFLinear.from_linear(_linear(w), "q4_0"),
+        "int4": Int4Linear.from_linear(_linear(w), 32),
+        "nf4": NF4Linear.from_linear(_linear(w), 64, double_quant=True),
+        "dense": DenseLinear.from_linear(_linear(w).to(torch.bfloat16)),
+    }
+    x = _x(2, 128).to(dtype).reshape(2, 1, 128)
+    with torch.no_grad():
+        for name, mod in mods.items():
+            y = mod(x)
+            ref = mod(x.float().reshape(2, 128)).to(dtype).reshape(2, 1, 19)
+            assert y.dtype == dtype and y.shape == (2, 1, 19), name
+            torch.testing.assert_close(y, ref, rtol=0, atol=0, msg=name)

@@ -64,6 +64,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, args.max_seq_len)
+        # dtype of the activations; None: the embeddings' dtype. `llama2.quant.accelerate` sets
+        # float32 on CPUs, where bf16/fp16 elementwise ops are emulated and slower than float32.
+        self.compute_dtype: torch.dtype | None = None
 
     @property
     def blocks(self) -> list[TransformerBlock]:
@@ -139,6 +142,8 @@ class Transformer(nn.Module):
                     raise GenerationError(f"kv_len {kv_len} is shorter than the last position {needed - 1}")
                 needed = kv_len
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        if self.compute_dtype is not None:
+            h = h.to(self.compute_dtype)
         mask: Tensor | None = None
         if cache is not None:
             if needed > cache.max_seq_len:

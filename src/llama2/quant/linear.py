@@ -20,6 +20,8 @@ Q8_0 blocks, as the GGUF types always do (llama.cpp's method; see `llama2.quant.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,6 +42,12 @@ def _nf4_code() -> Tensor:
     if not _NF4_CODE:
         _NF4_CODE.append(nf4_code())
     return _NF4_CODE[0]
+
+
+def _bufs(mod: nn.Module) -> dict[str, Tensor]:
+    """A module's buffers by name: the per-token forward reads them from here, since every
+    `self.<buffer>` goes through `nn.Module.__getattr__` (about a microsecond each)."""
+    return cast(dict[str, Tensor], mod._buffers)
 
 
 def _check_linear(linear: nn.Linear) -> None:
@@ -92,7 +100,7 @@ class QuantizedLinear(nn.Module):
         return _use_kernel(self.use_kernel, self._kernel_fits(), probe, self.weight, type(self).__name__)
 
     def _kernel_matmul(self, x: Tensor) -> Tensor:
-        """x (..., K) -> (..., N) float32 through the CPU kernel."""
+        """x (..., K) -> (..., N) in x's dtype through the CPU kernel (float32 inside)."""
         raise NotImplementedError
 
     def _matmul(self, x: Tensor) -> Tensor:
@@ -104,14 +112,12 @@ class QuantizedLinear(nn.Module):
         xc = x if x.dtype == dtype else x.to(dtype)
         use = self.use_kernel
         if use is None:  # the common case, checked inline: it runs once per layer per token
-            w = self.weight
+            w = _bufs(self)["weight"]
             use = self._kernel_fits() and kernels.kernels_enabled(xc, w) and w.is_contiguous()
         elif use:
             use = self.kernel_usable(xc)  # raises when impossible
         if use:
-            y = self._kernel_matmul(xc)  # float32
-            if dtype != torch.float32:
-                y = y.to(dtype)  # rounded as a `dtype` matmul would be
+            y = self._kernel_matmul(xc)  # in `dtype`: float32 accumulation, rounded once as a `dtype` matmul
             return y if y.dtype == x.dtype else y.to(x.dtype)
         return self._matmul(xc).to(x.dtype)
 
@@ -152,10 +158,11 @@ class Int8Linear(QuantizedLinear):
         return dequantize_int8(self.weight, self.scales, dtype)
 
     def _kernel_fits(self) -> bool:
-        return self.scales.is_contiguous()
+        return _bufs(self)["scales"].is_contiguous()
 
     def _kernel_matmul(self, x: Tensor) -> Tensor:
-        return kernels.int8_linear(x, self.weight, self.scales, self.quantize_activations)
+        b = _bufs(self)
+        return kernels.int8_linear(x, b["weight"], b["scales"], self.quantize_activations)
 
     def _matmul(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., N)
@@ -220,13 +227,13 @@ class Int4Linear(QuantizedLinear):
         return dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize, dtype)
 
     def _kernel_fits(self) -> bool:
-        sz = self.scales_and_zeros
+        sz = _bufs(self)["scales_and_zeros"]
         return self.groupsize % 32 == 0 and sz.dtype == torch.bfloat16 and sz.stride(-1) == 1
 
     def _kernel_matmul(self, x: Tensor) -> Tensor:
-        return kernels.int4_linear(
-            x, self.weight, self.scales_and_zeros, self.groupsize, self.quantize_activations
-        )
+        b = _bufs(self)
+        sz = b["scales_and_zeros"]
+        return kernels.int4_linear(x, b["weight"], sz, self.groupsize, self.quantize_activations)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, groupsize={self.groupsize}"
@@ -314,24 +321,30 @@ class NF4Linear(QuantizedLinear):
     def _kernel_fits(self) -> bool:
         if self.in_features % self.blocksize or self.blocksize % 32:
             return False
-        tensors = [self.absmax] + ([self.nested_absmax, self.nested_code] if self.double_quant else [])
-        return all(t.is_contiguous() for t in tensors)
+        b = _bufs(self)
+        if self.double_quant:
+            nested = b["nested_absmax"].is_contiguous() and b["nested_code"].is_contiguous()
+            return nested and b["absmax"].is_contiguous()
+        return b["absmax"].is_contiguous()
 
     def _kernel_matmul(self, x: Tensor) -> Tensor:
+        b = _bufs(self)
+        shape = (self.out_features, self.in_features)
         if self.double_quant:
             return kernels.nf4_linear(
                 x,
-                self.weight,
-                (self.out_features, self.in_features),
-                self.absmax,
+                b["weight"],
+                shape,
+                b["absmax"],
                 self.blocksize,
                 _nf4_code(),
-                self.nested_absmax,
-                self.nested_code,
-                self.offset,
+                b["nested_absmax"],
+                b["nested_code"],
+                b["offset"],
             )
-        shape = (self.out_features, self.in_features)
-        return kernels.nf4_linear(x, self.weight, shape, self.absmax.float(), self.blocksize, _nf4_code())
+        absmax = b["absmax"]
+        absmax = absmax if absmax.dtype == torch.float32 else absmax.float()
+        return kernels.nf4_linear(x, b["weight"], shape, absmax, self.blocksize, _nf4_code())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, blocksize={self.blocksize}, double_quant={self.double_quant}"
@@ -380,7 +393,7 @@ class GGUFLinear(QuantizedLinear):
         return self.qtype in kernels.GGUF_QTYPE_IDS
 
     def _kernel_matmul(self, x: Tensor) -> Tensor:
-        return kernels.gguf_linear(x, self.weight, self.qtype)
+        return kernels.gguf_linear(x, _bufs(self)["weight"], self.qtype)
 
 
 class DenseLinear(nn.Linear):
@@ -428,10 +441,15 @@ class DenseLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features) in x's dtype."""
-        if self.kernel_usable(x):
-            y = kernels.dense_linear(x, self.weight)  # float32
-            return y if x.dtype == torch.float32 else y.to(x.dtype)
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        w = cast(Tensor, self._parameters["weight"])  # not self.weight: nn.Module.__getattr__ is slow
+        if self.use_kernel is None:  # the common case, checked inline: it runs once per layer per token
+            fits = w.dtype in (torch.bfloat16, torch.float16) and w.is_contiguous()
+            use = fits and kernels.kernels_enabled(x, w)
+        else:
+            use = self.kernel_usable(x)  # raises when impossible but forced
+        if use:
+            return kernels.dense_linear(x, w)  # x's dtype, float32 accumulation
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
@@ -441,11 +459,14 @@ ACCELERATED_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 
 
 def accelerate(model: nn.Module) -> nn.Module:
-    """Swap the model's bfloat16/float16 CPU `nn.Linear` layers named wq wk wv wo w1 w2 w3 output
-    for `DenseLinear` (in place, sharing the weights) when the CPU kernels are available.
+    """Make a CPU model fast: swap its bfloat16/float16 `nn.Linear` layers named wq wk wv wo w1 w2 w3
+    output for `DenseLinear` (in place, sharing the weights) when the CPU kernels are available, and,
+    once every such layer takes float32 input (kernel or quantized modules), run the activations in
+    float32 (`model.compute_dtype`, when the model has one): this CPU has no native bf16 arithmetic,
+    so elementwise work and attention in bf16 are slower than in float32. The weights keep their dtype.
 
-    Quantized layers already use the kernels; float32 layers are left alone (torch's float32
-    matrix-vector product already runs at memory bandwidth). Returns `model`.
+    Float32 linears are left alone (torch's float32 matrix-vector product already runs at memory
+    bandwidth). Returns `model`.
     """
     probe = torch.empty(0)
     if not kernels.kernels_enabled(probe, probe):
@@ -460,4 +481,16 @@ def accelerate(model: nn.Module) -> nn.Module:
                 and child.weight.dtype in (torch.bfloat16, torch.float16)
             ):
                 setattr(parent, name, DenseLinear.from_linear(child))
+    linears = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ACCELERATED_LINEARS]
+    mixed_ok = all(isinstance(m, DenseLinear | QuantizedLinear) or _is_float32(m) for m in linears)
+    half = any(isinstance(m, DenseLinear) for m in linears) or any(
+        p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()
+    )
+    if linears and mixed_ok and half and getattr(model, "compute_dtype", False) is None:
+        model.compute_dtype = torch.float32  # type: ignore[assignment]
     return model
+
+
+def _is_float32(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and weight.dtype == torch.float32

@@ -1,9 +1,13 @@
 """Fused CPU kernels for the quantized (and bfloat16/float16) linear layers.
 
-`kernel_linear(x, out_features, mv, dequant)` is the one entry point the modules use:
+The per-scheme functions (`gguf_linear`, `int8_linear`, `int4_linear`, `nf4_linear`,
+`dense_linear`) are what the modules call; they return x's dtype (computed in float32, rounded
+once at the end):
 
 - up to `MV_MAX_ROWS` activation rows (decode), a matrix-vector kernel streams the stored weight
-  once (`torch.ops.llama2_kernels.*_mv`, C++ with AVX2, threads from torch's pool);
+  once (`torch.ops.llama2_kernels.*_mv`, C++ with AVX2, threads from torch's pool); the op takes
+  float32/bfloat16/float16 x of any leading shape and returns x's dtype, so a decode call is one
+  op call with no conversions or reshapes in Python;
 - more rows (prefill), the weight is dequantized to float32 in row chunks of at most
   `CHUNK_ELEMENTS` values (`*_dequant`) and multiplied with torch's float32 GEMM, which on a CPU
   without native bfloat16 is several times faster than torch's bfloat16 GEMM.
@@ -73,13 +77,32 @@ def kernels_enabled(x: Tensor, weight: Tensor) -> bool:
     return _available()
 
 
+_MV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # x dtypes the *_mv ops take as is
+
+
+def _mv_ready(x: Tensor) -> bool:
+    """Whether `x` (..., K) goes straight to a matrix-vector op: at most `MV_MAX_ROWS` rows, a dtype
+    the op reads, contiguous, and (only while torch.compile traces, whose shape functions are 2-D)
+    two-dimensional. The op returns (..., N) in x's dtype."""
+    k = x.shape[-1]
+    return (
+        x.dtype in _MV_DTYPES
+        and (x.numel() <= MV_MAX_ROWS * k if k else True)
+        and x.is_contiguous()
+        and (x.dim() == 2 or not torch.compiler.is_compiling())
+    )
+
+
 def kernel_linear(
     x: Tensor,
     out_features: int,
     mv: Callable[[Tensor], Tensor],
     dequant: Callable[[int, int], Tensor],
 ) -> Tensor:
-    """y = x @ W.T in float32 through the kernels.
+    """y = x @ W.T through the kernels, in x's dtype (computed in float32, rounded once).
+
+    The per-scheme wrappers below call the matrix-vector op directly when `_mv_ready(x)`; this is
+    the general path (more rows, other dtypes or layouts, tracing).
 
     Args:
         x: (..., K) activations, any float dtype.
@@ -88,7 +111,7 @@ def kernel_linear(
         dequant: (row0, row1) -> (row1 - row0, K) float32 rows of the weight.
 
     Returns:
-        (..., N) float32.
+        (..., N) in x's dtype.
     """
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (M, K)
@@ -107,7 +130,8 @@ def kernel_linear(
                 F.linear(x2, dequant(r, min(r + step, out_features))) for r in range(0, out_features, step)
             ]
             out = torch.cat(parts, dim=1)  # (M, N)
-    return out if x.dim() == 2 else out.reshape(*lead, out_features)
+    out = out if x.dim() == 2 else out.reshape(*lead, out_features)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _ops() -> torch._ops._OpNamespace:
@@ -115,10 +139,12 @@ def _ops() -> torch._ops._OpNamespace:
 
 
 def gguf_linear(x: Tensor, weight: Tensor, qtype: str) -> Tensor:
-    """x (..., K) @ dequantize_gguf(weight).T, with Q8_0-quantized activations when M is small."""
+    """x (..., K) @ dequantize_gguf(weight).T in x's dtype, Q8_0-quantized activations when M is small."""
     qid = GGUF_QTYPE_IDS[qtype]
     ops = _ops()
     mv_op = ops.q8_0_mv if qid == 0 else ops.q4_0_mv if qid == 1 else ops.q4_k_mv
+    if _mv_ready(x):
+        return mv_op(x, weight)  # type: ignore[no-any-return]
     return kernel_linear(
         x,
         weight.shape[0],
@@ -128,15 +154,17 @@ def gguf_linear(x: Tensor, weight: Tensor, qtype: str) -> Tensor:
 
 
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, quantize_activations: bool = True) -> Tensor:
-    """x (..., K) @ (weight * scales[:, None]).T; weight (N, K) int8, scales (N,) float32.
+    """x (..., K) @ (weight * scales[:, None]).T in x's dtype; weight (N, K) int8, scales (N,).
 
     With `quantize_activations` (and K % 32 == 0) the decode kernel quantizes x to Q8_0 blocks
     and uses integer dot products (llama.cpp's method, ~2x less work per weight byte); otherwise
     it multiplies float32 activations with the decoded weight.
     """
     ops = _ops()
-    s = scales.to(torch.float32).contiguous()
+    s = scales if scales.dtype == torch.float32 and scales.is_contiguous() else scales.float().contiguous()
     mv_op = ops.int8_q8_mv if quantize_activations and weight.shape[1] % 32 == 0 else ops.int8_mv
+    if _mv_ready(x):
+        return mv_op(x, weight, s)  # type: ignore[no-any-return]
     return kernel_linear(
         x,
         weight.shape[0],
@@ -148,12 +176,14 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, quantize_activations:
 def int4_linear(
     x: Tensor, weight: Tensor, scales_and_zeros: Tensor, groupsize: int, quantize_activations: bool = True
 ) -> Tensor:
-    """x (..., K) @ dequantize_int4(weight, scales_and_zeros, groupsize).T.
+    """x (..., K) @ dequantize_int4(weight, scales_and_zeros, groupsize).T in x's dtype.
 
     `quantize_activations` as for `int8_linear` (groupsize is always a multiple of 32).
     """
     ops = _ops()
     mv_op = ops.int4_q8_mv if quantize_activations else ops.int4_mv
+    if _mv_ready(x):
+        return mv_op(x, weight, scales_and_zeros, groupsize)  # type: ignore[no-any-return]
     return kernel_linear(
         x,
         weight.shape[0],
@@ -173,9 +203,13 @@ def nf4_linear(
     nested_code: Tensor | None = None,
     offset: Tensor | None = None,
 ) -> Tensor:
-    """x (..., K) @ dequantize_nf4(...).T for a (N, K) NF4 weight with K % blocksize == 0."""
+    """x (..., K) @ dequantize_nf4(...).T in x's dtype, for a (N, K) NF4 weight with K % blocksize == 0."""
     ops = _ops()
     n, k = shape
+    if _mv_ready(x):
+        return ops.nf4_mv(  # type: ignore[no-any-return]
+            x, packed, n, k, absmax, nested_absmax, nested_code, offset, code, blocksize
+        )
     return kernel_linear(
         x,
         n,
@@ -187,8 +221,10 @@ def nf4_linear(
 
 
 def dense_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x (..., K) @ weight.T for a bfloat16/float16 (N, K) weight, in float32."""
+    """x (..., K) @ weight.T in x's dtype for a bfloat16/float16 (N, K) weight, computed in float32."""
     ops = _ops()
+    if _mv_ready(x):
+        return ops.dense_mv(x, weight)  # type: ignore[no-any-return]
     return kernel_linear(
         x,
         weight.shape[0],

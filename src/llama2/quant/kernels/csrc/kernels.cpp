@@ -1,11 +1,16 @@
 // Weight-only matrix-vector kernels for the quantized linear layers (CPU, AVX2/FMA/F16C with a
 // scalar fallback), registered as torch custom ops in the namespace `llama2_kernels`.
 //
-// Every `*_mv` op takes float32 activations x (M, K), contiguous, and returns float32 (M, N) for a
-// weight of N output rows. They are meant for small M (decode): each weight row is read from
-// memory once and reused from L1 for all M activation rows; rows are split over torch's
-// intra-op thread pool with at::parallel_for. The `*_dequant` ops write the float32 (N, K)
-// weight for the large-M path (dequantize, then torch's GEMM).
+// Every `*_mv` op takes activations x (..., K), contiguous float32 / bfloat16 / float16 (M rows in
+// all), and returns (..., N) in x's dtype for a weight of N output rows, computed in float32 and
+// rounded once at the end (so a bf16 decode step needs no conversion ops around the call). They
+// are meant for small M (decode): each weight row is read from memory once and reused from L1 for
+// all M activation rows; rows are split over torch's intra-op thread pool with at::parallel_for.
+// Q4_0 and int4 take 8 weight rows per step (dot8_nibbles: the activation block is loaded once,
+// the rows' int16 partial sums are reduced into one vector with hadd, one float FMA per block for
+// all 8 rows); NF4 decodes its codes with four pshufb byte-plane lookups (exact float32 values).
+// The `*_dequant` ops write the float32 (N, K) weight for the large-M path (dequantize, then
+// torch's GEMM).
 //
 // Two families of numerics:
 // - float activations (int8, int4, nf4, bf16, fp16): the weight is decoded to float32 in
@@ -115,12 +120,11 @@ struct ActQ8 {
   std::vector<float> d;
   std::vector<int32_t> bsum;
   int64_t K;
+  std::vector<int16_t> corr8;  // filled by the 4-bit 8-row kernels' callers (make_corr8)
 };
 
-ActQ8 quantize_rows(const at::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1);
-  ActQ8 a{std::vector<int8_t>(M * K), std::vector<float>(M * K / 32), std::vector<int32_t>(M * K / 32), K};
-  const float* xp = x.data_ptr<float>();
+ActQ8 quantize_rows(const float* xp, int64_t M, int64_t K) {
+  ActQ8 a{std::vector<int8_t>(M * K), std::vector<float>(M * K / 32), std::vector<int32_t>(M * K / 32), K, {}};
   for (int64_t m = 0; m < M; ++m) {
     quantize_act_q8_0(xp + m * K, K, a.qs.data() + m * K, a.d.data() + m * K / 32, a.bsum.data() + m * K / 32);
   }
@@ -140,10 +144,132 @@ inline __m256i dot_u8i8(__m256i a, __m256i b) {
 }
 #endif
 
-void check_x(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "llama2_kernels: x must be a contiguous 2-D float32 CPU tensor");
-  TORCH_CHECK(x.size(1) == K, "llama2_kernels: x has ", x.size(1), " columns, weight expects ", K);
+// Four-bit weights against Q8_0 activations, 8 weight rows at a time (q4_0 and int4): per 32-block
+// the 16 packed bytes of each row give its low nibbles (paired with activation bytes 0..15) and
+// high nibbles (bytes 16..31); two 128-bit maddubs per row, minus the shared per-block correction
+// corr8 = maddubs(8, qx) (so the codes act as q - 8), leave 8 int16 pair sums per row bounded by
+// 4 * 8 * 127; three rounds of hadd_epi16 (bounded by 32 * 8 * 127 < 2^15, exact) put row i's block
+// dot product into int16 lane i, and one int->float conversion and FMA then serve all 8 rows.
+// corr8 (8 int16 per activation block): lane j = 8 * (a[2j] + a[2j+1] + a[16+2j] + a[17+2j]).
+#if L2K_AVX2
+void make_corr8(const int8_t* qs, int64_t nblocks, int16_t* corr8) {
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int8_t* a = qs + 32 * b;
+    for (int j = 0; j < 8; ++j) corr8[8 * b + j] = static_cast<int16_t>(8 * (a[2 * j] + a[2 * j + 1] + a[16 + 2 * j] + a[17 + 2 * j]));
+  }
+}
+
+// block b of 8 rows r[0..7] (16 packed bytes each at r[i] + off) -> int32 lane i = sum_k (q_ik - 8) a_k
+inline __m256i dot8_nibbles(const uint8_t* const* r, int64_t off, const int8_t* a, const int16_t* corr8) {
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m128i alo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+  const __m128i ahi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 16));
+  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(corr8));
+  __m128i p[8];
+  for (int i = 0; i < 8; ++i) {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[i] + off));
+    p[i] = _mm_sub_epi16(_mm_add_epi16(_mm_maddubs_epi16(_mm_and_si128(t, m4), alo),
+                                       _mm_maddubs_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), m4), ahi)),
+                         c);
+  }
+  const __m128i s16 = _mm_hadd_epi16(_mm_hadd_epi16(_mm_hadd_epi16(p[0], p[1]), _mm_hadd_epi16(p[2], p[3])),
+                                     _mm_hadd_epi16(_mm_hadd_epi16(p[4], p[5]), _mm_hadd_epi16(p[6], p[7])));
+  return _mm256_cvtepi16_epi32(s16);
+}
+
+// the fp16 values at r[i] + off, i = 0..7, as 8 floats (scalar gathers: integer ports, not vector ones)
+inline __m256 gather8_f16(const uint8_t* const* r, int64_t off) {
+  const uint64_t lo = static_cast<uint64_t>(load_u16(r[0] + off)) | static_cast<uint64_t>(load_u16(r[1] + off)) << 16 |
+                      static_cast<uint64_t>(load_u16(r[2] + off)) << 32 | static_cast<uint64_t>(load_u16(r[3] + off)) << 48;
+  const uint64_t hi = static_cast<uint64_t>(load_u16(r[4] + off)) | static_cast<uint64_t>(load_u16(r[5] + off)) << 16 |
+                      static_cast<uint64_t>(load_u16(r[6] + off)) << 32 | static_cast<uint64_t>(load_u16(r[7] + off)) << 48;
+  return _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_cvtsi64_si128(static_cast<int64_t>(lo)),
+                                            _mm_cvtsi64_si128(static_cast<int64_t>(hi))));
+}
+
+// Q4_0 rows w, w + rb, ..., w + 7 rb against one Q8_0 activation row -> out[0..7]
+void dot8_q4_0(const uint8_t* w, int64_t rb, const int8_t* qx, const float* dx, const int16_t* corr8, int64_t nb,
+               float* out) {
+  const uint8_t* r[8];
+  for (int i = 0; i < 8; ++i) r[i] = w + i * rb;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    if ((b & 1) == 0)  // the next group of 8 rows, same offset: the 8 streams advance together
+      for (int i = 0; i < 8; ++i) _mm_prefetch(reinterpret_cast<const char*>(r[i] + 8 * rb + 18 * b), _MM_HINT_T0);
+    const __m256i s = dot8_nibbles(r, 18 * b + 2, qx + 32 * b, corr8 + 8 * b);
+    const __m256 d = _mm256_mul_ps(gather8_f16(r, 18 * b), _mm256_set1_ps(dx[b]));
+    acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc);
+  }
+  _mm256_storeu_ps(out, acc);
+}
+#endif
+
+// The activations of an `*_mv` op: x (..., K) contiguous float32 / bfloat16 / float16, seen as
+// (M, K) float32 (converted into `buf` unless already float32). The op's result has x's shape with
+// the last dimension N and x's dtype (computed in float32, rounded once at the end, as
+// `.to(dtype)` would).
+struct XIn {
+  const float* p = nullptr;
+  std::vector<float> buf;
+  int64_t M = 0, K = 0;
+};
+
+XIn read_x(const at::Tensor& x, int64_t K) {
+  const auto st = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.is_contiguous() &&
+                  (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf),
+              "llama2_kernels: x must be a contiguous float32/bfloat16/float16 CPU tensor");
+  TORCH_CHECK(x.size(-1) == K, "llama2_kernels: x has ", x.size(-1), " columns, weight expects ", K);
+  XIn a;
+  a.K = K;
+  a.M = K ? x.numel() / K : 0;
+  if (st == at::kFloat) {
+    a.p = x.data_ptr<float>();
+    return a;
+  }
+  a.buf.resize(a.M * K);
+  const int64_t n = a.M * K;
+  if (st == at::kBFloat16) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    for (int64_t i = 0; i < n; ++i) a.buf[i] = bf16_to_float(s[i]);
+  } else {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    int64_t i = 0;
+#if L2K_AVX2
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(a.buf.data() + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+#endif
+    for (; i < n; ++i) a.buf[i] = half_to_float(s[i]);
+  }
+  a.p = a.buf.data();
+  return a;
+}
+
+// the (M, N) float32 result buffer: the output tensor itself for float32 x, else a scratch tensor
+at::Tensor out_f32(const at::Tensor& x, int64_t M, int64_t N) {
+  if (x.scalar_type() == at::kFloat) {
+    std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+    sizes.back() = N;
+    return at::empty(sizes, x.options());
+  }
+  return at::empty({M, N}, x.options().dtype(at::kFloat));
+}
+
+// the op's result from the float32 buffer: x's shape (last dim N) and dtype
+at::Tensor finish_out(const at::Tensor& outf, const at::Tensor& x, int64_t N) {
+  if (x.scalar_type() == at::kFloat) return outf;
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = N;
+  at::Tensor out = at::empty(sizes, x.options());
+  const float* s = outf.data_ptr<float>();
+  const int64_t n = outf.numel();
+  uint16_t* d = reinterpret_cast<uint16_t*>(out.data_ptr());
+  if (x.scalar_type() == at::kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) d[i] = c10::BFloat16(s[i]).x;
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = c10::Half(s[i]).x;
+  }
+  return out;
 }
 
 void check_u8(const at::Tensor& w, int64_t bytes_per_block, int64_t block) {
@@ -305,16 +431,34 @@ at::Tensor gguf_mv(const at::Tensor& x, const at::Tensor& w, int64_t block, int6
   check_u8(w, bytes, block);
   const int64_t N = w.size(0);
   const int64_t K = w.size(1) / bytes * block;
-  check_x(x, K);
-  const int64_t M = x.size(0);
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
-  const ActQ8 a = quantize_rows(x);
+  const XIn xin = read_x(x, K);
+  const int64_t M = xin.M;
+  at::Tensor out = out_f32(x, M, N);
+  if (M == 0 || N == 0) return finish_out(out, x, N);
+  ActQ8 a = quantize_rows(xin.p, M, K);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   const int64_t rb = w.size(1), nbx = K / 32;
+#if L2K_AVX2
+  if (bytes == 18) {
+    a.corr8.resize(M * nbx * 8);
+    make_corr8(a.qs.data(), M * nbx, a.corr8.data());
+  }
+#endif
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+    int64_t n = n0;
+#if L2K_AVX2
+    if (bytes == 18) {
+      float tmp[8];
+      for (; n + 8 <= n1; n += 8) {
+        for (int64_t m = 0; m < M; ++m) {
+          dot8_q4_0(wp + n * rb, rb, a.qs.data() + m * K, a.d.data() + m * nbx, a.corr8.data() + m * nbx * 8, nbx, tmp);
+          for (int i = 0; i < 8; ++i) op[m * N + n + i] = tmp[i];
+        }
+      }
+    }
+#endif
+    for (; n < n1; ++n) {
       const uint8_t* wr = wp + n * rb;
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* q = a.qs.data() + m * K;
@@ -331,7 +475,7 @@ at::Tensor gguf_mv(const at::Tensor& x, const at::Tensor& w, int64_t block, int6
       }
     }
   });
-  return out;
+  return finish_out(out, x, N);
 }
 
 at::Tensor q8_0_mv(const at::Tensor& x, const at::Tensor& w) { return gguf_mv(x, w, 32, 34); }
@@ -402,6 +546,7 @@ struct Weight {
   const float* nested_code = nullptr;
   float offset = 0.0f;
   float nf4_code[16] = {};
+  uint8_t nf4_planes[4][16] = {};  // byte j of each code's float32 bits
   // int8
   const float* row_scale = nullptr;
 
@@ -435,38 +580,38 @@ struct Weight {
 
 #if L2K_AVX2
 template <Fmt F>
-inline void decode32(const Weight& W, const uint8_t* r, int64_t k, __m256 tlo, __m256 thi, __m256* o) {
+inline void decode32(const Weight& W, const uint8_t* r, int64_t k, const __m256i* tb, __m256* o) {
   if constexpr (F == kInt8) {
     const int8_t* p = reinterpret_cast<const int8_t*>(r) + k;
     for (int u = 0; u < 4; ++u)
       o[u] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * u))));
-  } else if constexpr (F == kInt4 || F == kNF4) {
+  } else if constexpr (F == kInt4) {  // even column in the low nibble
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k / 2));
     const __m128i m4 = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
-    __m128i q0, q1;
-    if constexpr (F == kInt4) {  // even column in the low nibble
-      q0 = _mm_unpacklo_epi8(lo, hi);
-      q1 = _mm_unpackhi_epi8(lo, hi);
-    } else {  // bitsandbytes: first element in the high nibble
-      q0 = _mm_unpacklo_epi8(hi, lo);
-      q1 = _mm_unpackhi_epi8(hi, lo);
-    }
-    const __m256i i0 = _mm256_cvtepu8_epi32(q0), i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(q0, 8));
-    const __m256i i2 = _mm256_cvtepu8_epi32(q1), i3 = _mm256_cvtepu8_epi32(_mm_srli_si128(q1, 8));
-    if constexpr (F == kInt4) {
-      o[0] = _mm256_cvtepi32_ps(i0);
-      o[1] = _mm256_cvtepi32_ps(i1);
-      o[2] = _mm256_cvtepi32_ps(i2);
-      o[3] = _mm256_cvtepi32_ps(i3);
-    } else {
-      const __m256i idx[4] = {i0, i1, i2, i3};
-      for (int u = 0; u < 4; ++u) {
-        const __m256 a = _mm256_permutevar8x32_ps(tlo, idx[u]);
-        const __m256 c = _mm256_permutevar8x32_ps(thi, idx[u]);
-        o[u] = _mm256_blendv_ps(a, c, _mm256_castsi256_ps(_mm256_slli_epi32(idx[u], 28)));
-      }
-    }
+    const __m128i q0 = _mm_unpacklo_epi8(lo, hi), q1 = _mm_unpackhi_epi8(lo, hi);
+    o[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q0));
+    o[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q0, 8)));
+    o[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q1));
+    o[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q1, 8)));
+  } else if constexpr (F == kNF4) {
+    // bitsandbytes: first element in the high nibble. Indices [high nibbles | low nibbles] (even |
+    // odd elements), then the four bytes of each float32 code looked up with pshufb from four
+    // 16-byte tables (tb: byte planes 0..3 of the code book, in both lanes) and interleaved back
+    // into floats: exact code values, no cross-lane permutes. Output order per 128-bit lane half:
+    // o[u] = elements 2 (4u + l) (lower half) and 2 (4u + l) + 1 (upper half), l = 0..3; x is
+    // permuted to match (nf4_x_order).
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k / 2));
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m256i idx = _mm256_set_m128i(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4));
+    const __m256i b0 = _mm256_shuffle_epi8(tb[0], idx), b1 = _mm256_shuffle_epi8(tb[1], idx);
+    const __m256i b2 = _mm256_shuffle_epi8(tb[2], idx), b3 = _mm256_shuffle_epi8(tb[3], idx);
+    const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+    o[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+    o[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+    o[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+    o[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
   } else if constexpr (F == kBF16) {
     // even columns = low halves shifted up, odd columns = high halves masked; x is permuted to match
     const uint16_t* p = reinterpret_cast<const uint16_t*>(r) + k;
@@ -489,10 +634,9 @@ template <Fmt F, int MB>
 inline void row_dot(const Weight& W, int64_t n, const float* x, int64_t K, const float* xsum, int64_t ngroups,
                     float* out) {
   const uint8_t* r = W.data + n * W.row_bytes;
-  __m256 tlo = _mm256_setzero_ps(), thi = _mm256_setzero_ps();
+  __m256i tb[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
   if constexpr (F == kNF4) {
-    tlo = _mm256_loadu_ps(W.nf4_code);
-    thi = _mm256_loadu_ps(W.nf4_code + 8);
+    for (int j = 0; j < 4; ++j) tb[j] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(W.nf4_planes[j])));
   }
   __m256 total[MB];
   float bias_acc[MB];
@@ -511,7 +655,7 @@ inline void row_dot(const Weight& W, int64_t n, const float* x, int64_t K, const
       constexpr int64_t bytes_num = (F == kInt8) ? 2 : (F == kBF16 || F == kF16) ? 4 : 1;  // bytes per 2 weights
       _mm_prefetch(reinterpret_cast<const char*>(r + k * bytes_num / 2 + kPrefetch), _MM_HINT_T0);
       __m256 wv[4];
-      decode32<F>(W, r, k, tlo, thi, wv);
+      decode32<F>(W, r, k, tb, wv);
       for (int i = 0; i < MB; ++i) {
         const float* xr = x + i * K + k;
         for (int u = 0; u < 4; ++u) acc[i][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(xr + 8 * u), acc[i][u]);
@@ -581,11 +725,11 @@ void float_mv_rows(const Weight& W, const float* x, int64_t M, const float* xsum
 }
 
 at::Tensor float_mv(const at::Tensor& x, const Weight& W) {
-  check_x(x, W.K);
-  const int64_t M = x.size(0), N = W.N, K = W.K;
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
-  const float* xp = x.data_ptr<float>();
+  const XIn xin = read_x(x, W.K);
+  const int64_t M = xin.M, N = W.N, K = W.K;
+  at::Tensor out = out_f32(x, M, N);
+  if (M == 0 || N == 0) return finish_out(out, x, N);
+  const float* xp = xin.p;
   const bool grouped = (W.fmt == kInt4 || W.fmt == kNF4);
   const int64_t ngroups = grouped ? K / W.G : ((K >= 32) ? 1 : 0);
   std::vector<float> xsum(std::max<int64_t>(M * ngroups, 1), 0.0f);
@@ -610,6 +754,15 @@ at::Tensor float_mv(const at::Tensor& x, const Weight& W) {
         }
     xp = xperm.data();
   }
+  if (W.fmt == kNF4) {  // the order decode32<kNF4> produces (K % 32 == 0 for NF4)
+    xperm.resize(M * K);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < K; c += 32)
+        for (int u = 0; u < 4; ++u)
+          for (int l = 0; l < 8; ++l)
+            xperm[m * K + c + 8 * u + l] = xp[m * K + c + 2 * (4 * u + (l & 3)) + (l >> 2)];
+    xp = xperm.data();
+  }
 #endif
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     switch (W.fmt) {
@@ -620,8 +773,11 @@ at::Tensor float_mv(const at::Tensor& x, const Weight& W) {
       default: float_mv_rows<kF16>(W, xp, M, xsum.data(), ngroups, op, n0, n1); break;
     }
   });
-  if (W.fmt == kInt8) out.mul_(at::from_blob(const_cast<float*>(W.row_scale), {N}, x.options()));
-  return out;
+  if (W.fmt == kInt8) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) op[m * N + n] *= W.row_scale[n];
+  }
+  return finish_out(out, x, N);
 }
 
 template <Fmt F>
@@ -713,6 +869,11 @@ Weight nf4_weight(const at::Tensor& packed, int64_t N, int64_t K, const at::Tens
   Weight W{kNF4, packed.data_ptr<uint8_t>(), K / 2, K, N, blocksize};
   W.gpr = K / blocksize;
   std::memcpy(W.nf4_code, code.data_ptr<float>(), 16 * sizeof(float));
+  for (int c = 0; c < 16; ++c) {
+    uint32_t u;
+    std::memcpy(&u, &W.nf4_code[c], 4);
+    for (int j = 0; j < 4; ++j) W.nf4_planes[j][c] = static_cast<uint8_t>(u >> (8 * j));
+  }
   if (absmax.scalar_type() == at::kFloat) {
     W.absmax_f = absmax.data_ptr<float>();
   } else {
@@ -845,13 +1006,44 @@ float dot_int4_q8(const Weight& W, int64_t n, const int8_t* qxp, const float* dx
   return total;
 }
 
+#if L2K_AVX2
+// int4 rows n..n+7 (needs scales_and_zeros with row stride 2: the 8 rows' (s, zero) pairs of a
+// group are 32 contiguous bytes): w = (q - 8) s + zero, so y = sum_g s_g sum_b dx_b dot(q - 8, qx)_b
+// + zero_g xsum_g.
+void dot8_int4_q8(const Weight& W, int64_t n, const int8_t* qxp, const float* dx, const int16_t* corr8,
+                  const float* xsum, float* out) {
+  const uint8_t* r[8];
+  for (int i = 0; i < 8; ++i) r[i] = W.data + (n + i) * W.row_bytes;
+  const int64_t bpg = W.G / 32;
+  const __m256i hiw = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 tot = _mm256_setzero_ps();
+  for (int64_t g = 0; g < W.gpr; ++g) {
+    __m256 gacc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < bpg; ++j) {
+      const int64_t b = g * bpg + j;
+      if ((b & 1) == 0)  // the next group of 8 rows, same offset: the 8 streams advance together
+        for (int i = 0; i < 8; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(r[i] + 8 * W.row_bytes + 16 * b), _MM_HINT_T0);
+      const __m256i s = dot8_nibbles(r, 16 * b, qxp + 32 * b, corr8 + 8 * b);
+      gacc = _mm256_fmadd_ps(_mm256_set1_ps(dx[b]), _mm256_cvtepi32_ps(s), gacc);
+    }
+    const uint16_t* szg = W.sz + g * W.sz_s0 + n * W.sz_s1;
+    _mm_prefetch(reinterpret_cast<const char*>(szg + 32 * W.sz_s1), _MM_HINT_T0);  // 4 row groups ahead
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(szg));
+    tot = _mm256_fmadd_ps(gacc, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), tot);  // scales
+    tot = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hiw)), _mm256_set1_ps(xsum[g]), tot);  // zeros
+  }
+  _mm256_storeu_ps(out, tot);
+}
+#endif
+
 at::Tensor q8act_mv(const at::Tensor& x, const Weight& W) {
-  check_x(x, W.K);
+  const XIn xin = read_x(x, W.K);
   TORCH_CHECK(W.K % 32 == 0, "llama2_kernels: Q8_0 activations need K % 32 == 0");
-  const int64_t M = x.size(0), N = W.N, K = W.K;
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
-  ActQ8 a = quantize_rows(x);
+  const int64_t M = xin.M, N = W.N, K = W.K;
+  at::Tensor out = out_f32(x, M, N);
+  if (M == 0 || N == 0) return finish_out(out, x, N);
+  ActQ8 a = quantize_rows(xin.p, M, K);
   float* op = out.data_ptr<float>();
   const int64_t nbx = K / 32;
   std::vector<float> xsum;
@@ -873,8 +1065,28 @@ at::Tensor q8act_mv(const at::Tensor& x, const Weight& W) {
           xsum[m * W.gpr + g] += a.d[b] * static_cast<float>(a.bsum[b]);
         }
   }
+#if L2K_AVX2
+  const bool rows8 = W.fmt == kInt4 && W.sz_s1 == 2;
+  if (rows8) {
+    a.corr8.resize(M * nbx * 8);
+    make_corr8(a.qs.data(), M * nbx, a.corr8.data());
+  }
+#endif
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+    int64_t n = n0;
+#if L2K_AVX2
+    if (rows8) {
+      float tmp[8];
+      for (; n + 8 <= n1; n += 8) {
+        for (int64_t m = 0; m < M; ++m) {
+          dot8_int4_q8(W, n, a.qs.data() + m * K, a.d.data() + m * nbx, a.corr8.data() + m * nbx * 8,
+                       xsum.data() + m * W.gpr, tmp);
+          for (int i = 0; i < 8; ++i) op[m * N + n + i] = tmp[i];
+        }
+      }
+    }
+#endif
+    for (; n < n1; ++n) {
       for (int64_t m = 0; m < M; ++m) {
         const int8_t* q = a.qs.data() + m * K;
         const float* d = a.d.data() + m * nbx;
@@ -888,7 +1100,7 @@ at::Tensor q8act_mv(const at::Tensor& x, const Weight& W) {
       }
     }
   });
-  return out;
+  return finish_out(out, x, N);
 }
 
 at::Tensor int8_q8_mv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {

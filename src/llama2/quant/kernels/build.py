@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -63,10 +64,20 @@ def _cpu_flags() -> set[str]:
 
 def compile_flags() -> list[str]:
     """Compiler flags for this CPU: AVX2 + FMA + F16C when all three are present."""
-    flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    flags = ["-O3", "-std=c++17", "-ffp-contract=off", *openmp_flags()]
     if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma", "f16c"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags
+
+
+def openmp_flags() -> list[str]:
+    """`-fopenmp` where torch's intra-op pool is OpenMP (its Linux wheels): at::parallel_for is
+    inline header code whose `#pragma omp parallel` is dropped without it (the kernels then run on
+    one thread). The extension then needs `libgomp.so.1`, the soname torch has already loaded, so
+    both share one OpenMP runtime and thread pool."""
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        return ["-fopenmp"]
+    return []
 
 
 def cache_dir(source: Path = _SOURCE, prefix: str = "") -> Path:
@@ -94,6 +105,7 @@ def build_extension(source: Path, namespace: str, prefix: str = "") -> None:
         name=name,
         sources=[str(source)],
         extra_cflags=compile_flags(),
+        extra_ldflags=openmp_flags(),
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,

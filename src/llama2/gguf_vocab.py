@@ -14,8 +14,10 @@ does, so the bytes are the canonical serialisation of that message.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -218,25 +220,37 @@ def read_gguf_header(path: Path | str) -> GGUFHeader:
         GGUFFormatError: the file is not GGUF, is big-endian or version 1, or is truncated/corrupt.
         OSError: the file cannot be opened.
     """
+    with _preamble(path) as (path, buf, size, cur, version, n_tensors, n_kv):
+        return _parse(path, buf, size, cur, version, n_tensors, n_kv)
+
+
+@contextlib.contextmanager
+def _preamble(path: Path | str) -> Iterator[tuple[Path, mmap.mmap, int, _Cursor, int, int, int]]:
+    """Map a GGUF file and read its fixed header: (path, map, size, cursor after the counts,
+    version, tensor count, key-value count)."""
     path = Path(path)
     with path.open("rb") as f:
         size = path.stat().st_size
         if size < _FIXED_HEADER_BYTES:
             raise GGUFFormatError(f"truncated GGUF file ({size} bytes; the fixed header alone is 24)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(path, buf, size)
+            if buf[:4] != GGUF_MAGIC:
+                raise GGUFFormatError(
+                    f"not a GGUF file (it starts with {bytes(buf[:4])!r}, expected b'GGUF')"
+                )
+            cur = _Cursor(buf, 4)
+            version = cur.scalar("<I", "version")
+            if version not in (2, 3):
+                hint = " (a big-endian file?)" if version > 0xFFFF else ""
+                raise GGUFFormatError(f"unsupported GGUF version {version}{hint}; expected 2 or 3")
+            n_tensors = int(cur.scalar("<Q", "tensor count"))
+            n_kv = int(cur.scalar("<Q", "key-value count"))
+            yield path, buf, size, cur, version, n_tensors, n_kv
 
 
-def _parse(path: Path, buf: mmap.mmap, size: int) -> GGUFHeader:
-    if buf[:4] != GGUF_MAGIC:
-        raise GGUFFormatError(f"not a GGUF file (it starts with {bytes(buf[:4])!r}, expected b'GGUF')")
-    cur = _Cursor(buf, 4)
-    version = cur.scalar("<I", "version")
-    if version not in (2, 3):
-        hint = " (a big-endian file?)" if version > 0xFFFF else ""
-        raise GGUFFormatError(f"unsupported GGUF version {version}{hint}; expected 2 or 3")
-    n_tensors = cur.scalar("<Q", "tensor count")
-    n_kv = cur.scalar("<Q", "key-value count")
+def _parse(
+    path: Path, buf: mmap.mmap, size: int, cur: _Cursor, version: int, n_tensors: int, n_kv: int
+) -> GGUFHeader:
     if n_tensors > size or n_kv > size:
         raise GGUFFormatError(f"corrupt GGUF header ({n_tensors} tensors, {n_kv} keys in {size} bytes)")
     header = GGUFHeader(path=path, version=version, file_size=size)
@@ -281,27 +295,14 @@ def read_gguf_architecture(path: Path | str) -> tuple[int, str | None]:
         GGUFFormatError: as `read_gguf_header`.
         OSError: the file cannot be opened.
     """
-    path = Path(path)
-    with path.open("rb") as f:
-        size = path.stat().st_size
-        if size < _FIXED_HEADER_BYTES:
-            raise GGUFFormatError(f"truncated GGUF file ({size} bytes; the fixed header alone is 24)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != GGUF_MAGIC:
-                raise GGUFFormatError(f"not a GGUF file (it starts with {bytes(buf[:4])!r})")
-            cur = _Cursor(buf, 4)
-            version = cur.scalar("<I", "version")
-            if version not in (2, 3):
-                raise GGUFFormatError(f"unsupported GGUF version {version}; expected 2 or 3")
-            n_tensors = int(cur.scalar("<Q", "tensor count"))
-            n_kv = cur.scalar("<Q", "key-value count")
-            for i in range(min(n_kv, size)):
-                key = cur.string(f"key {i}")
-                vtype = cur.scalar("<I", f"type of {key!r}")
-                value = cur.value(vtype, repr(key))
-                if key == "general.architecture":
-                    return n_tensors, str(value)
-            return n_tensors, None
+    with _preamble(path) as (_, _, size, cur, _, n_tensors, n_kv):
+        for i in range(min(n_kv, size)):
+            key = cur.string(f"key {i}")
+            vtype = cur.scalar("<I", f"type of {key!r}")
+            value = cur.value(vtype, repr(key))
+            if key == "general.architecture":
+                return n_tensors, str(value)
+        return n_tensors, None
 
 
 class PieceType(IntEnum):

@@ -45,7 +45,8 @@ from llama2.checkpoint.gguf_model import (
     gguf_name,
     tensor_nbytes,
 )
-from llama2.checkpoint.load import CheckpointContents, TensorSource, read_checkpoint, release_pages, trim_heap
+from llama2.checkpoint.load import CheckpointContents, TensorSource, read_checkpoint
+from llama2.checkpoint.memory import release_pages, trim_heap
 from llama2.config import ModelArgs
 from llama2.errors import CheckpointError, ConfigError
 from llama2.gguf_vocab import GGUFVocab, PieceType, read_vocab

@@ -8,19 +8,13 @@ Pickles are never trusted: PyTorch files are scanned for globals and loaded with
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import io
-import mmap
-import pickle
-import pickletools
 import sys
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +30,10 @@ from llama2.checkpoint.formats import (
     read_safetensors_header,
     sniff,
 )
+from llama2.checkpoint.memory import release_pages, trim_heap
+from llama2.checkpoint.pickles import torch_load
 from llama2.config import ModelArgs, read_json
-from llama2.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from llama2.errors import CheckpointError, ConfigError
 from llama2.model import Transformer
 from llama2.quant.convert import (
     QuantConfig,
@@ -63,8 +59,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 
-# Globals a plain tensor pickle may reference (torch's weights_only unpickler is the final guard).
-_SAFE_GLOBAL_MODULES = ("torch", "collections")
 
 LLAMA2C_NORM_EPS = 1e-5  # llama2.c run.c hard-codes these; the file does not store them
 LLAMA2C_ROPE_THETA = 10000.0
@@ -411,44 +405,6 @@ def _swap_in(model: Transformer, plan: dict[str, QuantConfig]) -> None:
         setattr(parent, child, module)
 
 
-def release_pages(t: Tensor) -> None:
-    """Ask the kernel to drop `t`'s resident pages (Linux `madvise(MADV_PAGEOUT)`), once it is consumed.
-
-    For a memory-mapped file the pages are re-read on the next access, so this only lowers the
-    resident set; for anonymous memory without swap it does nothing. Used on source tensors that
-    were converted (dtype, quantization), so a whole checkpoint never becomes resident.
-    """
-    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
-        return
-    storage = t.untyped_storage()
-    start, nbytes = storage.data_ptr(), storage.nbytes()
-    page = mmap.PAGESIZE
-    lo = -(-start // page) * page
-    hi = (start + nbytes) // page * page
-    if hi > lo:
-        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT)
-
-
-def trim_heap() -> None:
-    """`malloc_trim(0)` (glibc): return freed heap memory to the OS.
-
-    glibc raises its mmap threshold after large frees, so per-tensor temporaries of a few MB land
-    on the heap and, without this, stay resident after being freed.
-    """
-    if sys.platform.startswith("linux"):
-        trim = getattr(_libc(), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
-
-
-_MADV_PAGEOUT = 21  # linux/mman.h (Linux >= 5.4); older kernels answer EINVAL, which is harmless
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 # ================================================================================== checks
 def _check_names_and_shapes(contents: CheckpointContents, expected: dict[str, tuple[int, ...]]) -> None:
     seen: dict[str, TensorSource] = {}
@@ -503,96 +459,6 @@ def _config_error(file: Path, e: ConfigError) -> CheckpointError:
     return CheckpointError(f"{file}: {e}")
 
 
-# ========================================================================== PyTorch pickles
-def _pickle_globals(stream: IO[bytes], max_pickles: int = 5) -> list[str]:
-    """Globals referenced by the (up to `max_pickles` consecutive) pickles in `stream`.
-
-    Only reads opcodes (nothing is executed). STACK_GLOBAL's operands are taken from the two most
-    recent string pushes, which is how every pickler emits them.
-    """
-    found: list[str] = []
-    for _ in range(max_pickles):
-        strings: list[str] = []
-        try:
-            for op, arg, _pos in pickletools.genops(stream):
-                if op.name in ("GLOBAL", "INST"):
-                    found.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL":
-                    found.append(".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>")
-                elif isinstance(arg, str) and "UNICODE" in op.name:
-                    strings.append(arg)
-        except (ValueError, EOFError, pickle.UnpicklingError, UnicodeDecodeError):
-            break
-        if stream.read(1) == b"":  # end of data
-            break
-        stream.seek(-1, io.SEEK_CUR)
-    return found
-
-
-def _unsafe_globals(names: list[str]) -> list[str]:
-    allowed_collections = {"collections.OrderedDict"}
-    return [
-        name
-        for name in names
-        if name.split(".", 1)[0] not in _SAFE_GLOBAL_MODULES
-        or (name.startswith("collections.") and name not in allowed_collections)
-    ]
-
-
-def _scan_torch_file(file: Path, kind: FileKind) -> None:
-    """Refuse a PyTorch file whose pickle references anything but torch/OrderedDict (before loading)."""
-    if kind is FileKind.TORCH_ZIP:
-        try:
-            with zipfile.ZipFile(file) as zf:
-                pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
-                if not pkl:
-                    raise CheckpointError(
-                        f"{file}: PyTorch archive without data.pkl; expected torch.save output"
-                    )
-                names = _pickle_globals(io.BytesIO(zf.read(pkl[0])))
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise CheckpointError(
-                f"{file}: truncated or corrupt PyTorch archive ({e}); cannot read any tensor"
-            ) from None
-    else:
-        with file.open("rb") as f:
-            names = _pickle_globals(f)
-    bad = _unsafe_globals(names)
-    if bad:
-        raise UnsafeCheckpointError(
-            f"{file}: refused to load: the pickle references {', '.join(sorted(set(bad)))}, which a weights "
-            "file never needs (it could run code); expected only tensors"
-        )
-
-
-def _torch_load(file: Path) -> dict[str, Tensor]:
-    """Memory-map a PyTorch weights file safely and return its flat name -> tensor dict."""
-    kind = sniff(file)
-    if kind not in (FileKind.TORCH_ZIP, FileKind.PICKLE):
-        raise CheckpointError(
-            f"{file}: not a PyTorch file (it looks like {kind}); expected torch.save output"
-        )
-    _scan_torch_file(file, kind)
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=kind is FileKind.TORCH_ZIP)
-    except pickle.UnpicklingError as e:
-        reason = " ".join(line for line in str(e).splitlines()[2:] if line.strip())[:300]
-        raise UnsafeCheckpointError(
-            f"{file}: refused to load: it holds objects other than plain tensors, which could run code "
-            f"when unpickled ({reason}); expected only tensors"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(
-            f"{file}: truncated or corrupt PyTorch file ({e}); cannot read its tensors"
-        ) from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{file}: expected a dict of tensors, got {type(obj).__name__}")
-    for name, value in obj.items():
-        if not isinstance(name, str) or not isinstance(value, Tensor):
-            raise CheckpointError(f"{file}: entry {name!r} is a {type(value).__name__}; expected a tensor")
-    return obj
-
-
 # ==================================================================================== readers
 def _config_file(found: DetectedCheckpoint, expected: str) -> Path:
     """The checkpoint's JSON config (detect() finds one for these formats; never None here)."""
@@ -604,7 +470,7 @@ def _config_file(found: DetectedCheckpoint, expected: str) -> Path:
 def _read_meta(found: DetectedCheckpoint) -> CheckpointContents:
     config_file = _config_file(found, "params.json")
     params = read_json(config_file)
-    shards = [_torch_load(f) for f in found.weight_files]
+    shards = [torch_load(f) for f in found.weight_files]
     files = found.weight_files
     first = shards[0]
     sources: list[TensorSource] = []
@@ -704,7 +570,7 @@ def _tensor_iter(found: DetectedCheckpoint) -> Iterator[_RawTensor]:
             for name in st.names():
                 yield f, name, st.shape(name), st.dtype(name), functools.partial(st.get, name)
         else:
-            sd = _torch_load(f)
+            sd = torch_load(f)
             for name, t in sd.items():
                 yield f, name, tuple(t.shape), t.dtype, functools.partial(_identity, t)
 

@@ -359,15 +359,10 @@ def estimate_weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: QuantCo
 
 
 def available_memory_bytes() -> int | None:
-    """`MemAvailable` from /proc/meminfo, None where unavailable."""
-    try:
-        text = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
+    """Bytes the CPU can allocate now (`llama2.plan.available_memory`)."""
+    from llama2.plan import available_memory
+
+    return available_memory("cpu")
 
 
 def load_checkpoint_model(

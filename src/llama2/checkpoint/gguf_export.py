@@ -22,9 +22,7 @@ Block quantization is `llama2.quant.gguf_blocks.quantize_gguf` (llama.cpp's refe
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ from llama2.checkpoint.gguf_model import (
 )
 from llama2.checkpoint.load import CheckpointContents, TensorSource, read_checkpoint
 from llama2.checkpoint.memory import release_pages, trim_heap
+from llama2.checkpoint.save import atomic_write
 from llama2.config import ModelArgs
 from llama2.errors import CheckpointError, ConfigError
 from llama2.gguf_vocab import GGUFVocab, PieceType, read_vocab
@@ -305,10 +304,8 @@ def export_gguf(
         name = contents.root.name if contents.files and contents.root.name else "llama2"
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, ARCH)
         _add_metadata(writer, model_args, vocab, qtype, name)
         for p in plan:
@@ -347,11 +344,6 @@ def export_gguf(
             del raw
             trim_heap()
         writer.close()
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode a plain open() would
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)
     return out

@@ -70,7 +70,7 @@ def _unshare(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via `write(tmp)` to a temporary file in the same folder, then rename onto `path`."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -90,13 +90,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _copy_tokenizer(tokenizer_path: Path | str | None, out_dir: Path) -> None:
@@ -111,7 +111,7 @@ def _copy_tokenizer(tokenizer_path: Path | str | None, out_dir: Path) -> None:
         def write(tmp: Path) -> None:
             shutil.copyfile(src, tmp)
 
-        _atomic_write(dst, write)
+        atomic_write(dst, write)
 
 
 def _prepare_dir(out_dir: Path | str) -> Path:
@@ -229,7 +229,7 @@ def export_meta(
         for shard, piece in zip(shards, pieces, strict=True):
             shard[name] = piece.contiguous().clone()  # own storage: torch.save would save the whole base
     for i, shard in enumerate(shards):
-        _atomic_write(out / f"consolidated.{i:02d}.pth", functools.partial(_torch_save, shard))
+        atomic_write(out / f"consolidated.{i:02d}.pth", functools.partial(_torch_save, shard))
     _copy_tokenizer(tokenizer_path, out)
     _write_json(out / "params.json", args.to_params_json())
     return out
@@ -302,7 +302,7 @@ def export_llama2c(
                     continue
                 _serialize_fp32(f, tables[name] if name in tables else sd[name])
 
-    _atomic_write(out, write)
+    atomic_write(out, write)
     return out
 
 

@@ -90,3 +90,52 @@ def _user_set_threads() -> bool:
     with contextlib.suppress(AttributeError, OSError):
         logical = len(os.sched_getaffinity(0))
     return torch.get_num_threads() not in (logical, physical_cores())
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device `name` names, checked to exist in this torch build and on this machine.
+
+    Args:
+        name: `auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:N`, `mps`, `xpu`, `xpu:N`.
+
+    Raises:
+        ConfigError: `name` is not a device, or this build/machine lacks it (e.g. `cuda` on a
+            CPU-only torch, `cuda:3` with two GPUs, `mps` off Apple silicon) — one line, never a
+            failure later inside torch.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "expected auto, cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; {expected}") from None
+    if device.type not in _DEVICE_TYPES:
+        raise ConfigError(f"device {name!r} cannot run a model; {expected}")
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ConfigError(
+                f"device {name!r} is not available: this torch build ({torch.__version__}) has no CUDA "
+                "support; use --device cpu or install a CUDA build of torch"
+            )
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {name!r} is not available: no CUDA GPU is visible; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"device {name!r} is not available: this machine has {count} CUDA GPU(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+        return device
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, "xpu", None)
+    available = getattr(backend, "is_available", None)
+    if not (callable(available) and available()):
+        raise ConfigError(
+            f"device {name!r} is not available in this torch build or on this machine; use --device cpu"
+        )
+    return device

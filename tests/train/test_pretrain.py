@@ -98,7 +98,7 @@ def test_loss_goes_down_and_model_is_saved(setup: dict[str, Path], tmp_path: Pat
     assert loaded.model(x).shape == (1, 16, 300)
     # the same data is reused on a second run (no re-tokenization)
     before = (tmp_path / "run" / "data" / "train.bin").stat().st_mtime_ns
-    run_pretrain(_cfg(setup, tmp_path / "run", max_steps=2, eval_every=0, ckpt_every=0))
+    run_pretrain(_cfg(setup, tmp_path / "run", max_steps=2, eval_every=0, ckpt_every=0, overwrite=True))
     assert (tmp_path / "run" / "data" / "train.bin").stat().st_mtime_ns == before
 
 

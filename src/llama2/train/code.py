@@ -11,6 +11,9 @@
    cuts every epoch), validating on the held-out files;
 4. write the model (our format: `params.json`, `model.safetensors`, `tokenizer.model`) to
    `<out_dir>/model` and a `summary.json`.
+
+`config.toml`, `params.json` and `files.json` (the file split) are written to `<out_dir>` only once
+`train` has checked the run folder and the checkpoint to resume, so a refused run changes no file.
 """
 
 from __future__ import annotations
@@ -26,9 +29,19 @@ from llama2.config import ModelArgs
 from llama2.data.fim import FIMBatches, default_source_dir, fixed_batches, read_documents, source_splits
 from llama2.errors import ConfigError
 from llama2.model import Transformer
+from llama2.runtime import resolve_device
 from llama2.tokenizer import Tokenizer
-from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, save_resolved_config, train
-from llama2.train.pretrain import init_weights, lm_loss, parse_save_dtype, save_model, shape_args
+from llama2.train.checkpointing import prepare_run_dir, write_text_atomic
+from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, train
+from llama2.train.pretrain import (
+    init_weights,
+    lm_loss,
+    parse_save_dtype,
+    save_model,
+    shape_args,
+    write_json,
+    write_run_files,
+)
 from llama2.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 
@@ -84,8 +97,8 @@ def run_code_pretrain(cfg: CodePretrainConfig) -> CodePretrainResult:
     Returns:
         A `CodePretrainResult` with the loop summary and the saved model folder.
     """
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    resolve_device(cfg.device)  # a device this machine lacks fails now, not after data preparation
+    out_dir = prepare_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     save_dtype = parse_save_dtype(cfg.save_dtype)
     train_files, held_files = code_splits(cfg)
     tok_path = Path(cfg.tokenizer) if cfg.tokenizer else out_dir / "tokenizer.model"
@@ -102,14 +115,6 @@ def run_code_pretrain(cfg: CodePretrainConfig) -> CodePretrainResult:
     if tokenizer.eot_id is None:
         raise ConfigError(f"tokenizer {tok_path} lacks ▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>; FIM training needs them")
     args = cfg.model_args(tokenizer.vocab_size)
-    save_resolved_config(cfg, out_dir)
-    (out_dir / "files.json").write_text(
-        json.dumps(
-            {"train": [p.name for p in train_files], "heldout": [p.name for p in held_files]}, indent=1
-        )
-        + "\n",
-        encoding="utf-8",
-    )
 
     train_docs = read_documents(train_files, cfg.max_chars)
     held_docs = read_documents(held_files, cfg.max_chars)
@@ -127,7 +132,13 @@ def run_code_pretrain(cfg: CodePretrainConfig) -> CodePretrainResult:
         f"({len(train_docs)} documents), {len(held_files)} held-out files ({len(val)} val batches)",
         flush=True,
     )
-    result = train(model, lm_loss, batches, val, loop_cfg, resume=cfg.resume)
+    files = {"train": [p.name for p in train_files], "heldout": [p.name for p in held_files]}
+
+    def on_start(folder: Path) -> None:  # after the run folder and the resumed checkpoint are checked
+        write_run_files(folder, cfg, args)
+        write_text_atomic(folder / "files.json", json.dumps(files, indent=1) + "\n")
+
+    result = train(model, lm_loss, batches, val, loop_cfg, resume=cfg.resume, on_start=on_start)
 
     model_dir = save_model(model, args, out_dir / "model", tok_path, save_dtype)
     summary = {
@@ -141,7 +152,7 @@ def run_code_pretrain(cfg: CodePretrainConfig) -> CodePretrainResult:
         "heldout_files": [p.name for p in held_files],
         "config": config_to_dict(cfg),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "summary.json", summary)
     return CodePretrainResult(
         train=result,
         model_dir=model_dir,

@@ -1,4 +1,5 @@
-"""Shared training-loop pieces: optimizer groups, LR schedule, checkpoints, and the `train` loop.
+"""The shared training loop `train`, its `LoopConfig`, and evaluation (optimizer and LR schedule:
+`llama2.train.optim`; checkpoints: `llama2.train.checkpointing`).
 
 Every training stage (pretraining, SFT, LoRA, ...) is `train(...)` plus a loss function and a batch
 source. Typical use::
@@ -32,8 +33,10 @@ so the step's gradient is the mean over the micro-batches. Step numbers count op
 
 Checkpoints (`<out_dir>/checkpoints/step_0000100.pt`, written to a temporary file then renamed; a
 `latest` file names the newest) hold the model state dict, optimizer, LR scheduler, the RNG states of
-torch/numpy/python, the data position, the step and the config. `resume=True` continues from `latest`.
-On CPU in float32 a resumed run ends bit-identical to an uninterrupted one.
+torch/numpy/python, the data position, the step and the config — tensors and plain data only, read back
+with `torch.load(weights_only=True)` (see `llama2.train.checkpointing` for the safety rules). `resume=True`
+continues from `latest`; a fresh run refuses an `out_dir` that already holds a run unless
+`cfg.overwrite`. On CPU in float32 a resumed run ends bit-identical to an uninterrupted one.
 
 Defaults are the Llama 2 paper's recipe (Touvron et al. 2023, sec. 2.2): AdamW with beta1 0.9,
 beta2 0.95, eps 1e-5, weight decay 0.1, cosine decay to 10% of the peak LR after a linear warmup,
@@ -44,30 +47,49 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
-import random
 import time
-import types
-import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from llama2.errors import CheckpointError, ConfigError
+from llama2.runtime import resolve_device as resolve_device
+from llama2.train.checkpointing import (
+    CHECKPOINT_KIND,
+    CheckpointSaver,
+    clear_previous_run,
+    prepare_run_dir,
+    remove_stale_temp_files,
+)
+
+# Checkpoint and config helpers that used to live here, re-exported for existing callers.
+from llama2.train.checkpointing import CHECKPOINT_VERSION as CHECKPOINT_VERSION
+from llama2.train.checkpointing import checkpoint_dir as checkpoint_dir
+from llama2.train.checkpointing import latest_checkpoint as latest_checkpoint
+from llama2.train.checkpointing import load_training_checkpoint as load_training_checkpoint
+from llama2.train.checkpointing import rng_state as rng_state
+from llama2.train.checkpointing import seed_everything as seed_everything
+from llama2.train.checkpointing import set_rng_state as set_rng_state
 from llama2.train.metrics import MetricsLogger
+
+# The optimizer and LR schedule moved to `llama2.train.optim`; re-exported for existing callers.
+from llama2.train.optim import build_optimizer as build_optimizer
+from llama2.train.optim import build_scheduler as build_scheduler
+from llama2.train.optim import lr_at as lr_at
+from llama2.train.optim import param_groups as param_groups
+from llama2.train.resume import model_shape, restore_training_state
+from llama2.train.run_config import config_from_dict as config_from_dict
+from llama2.train.run_config import config_to_dict as config_to_dict
+from llama2.train.run_config import save_resolved_config as save_resolved_config
+from llama2.train.run_config import to_toml as to_toml
 
 Batch = Any  # Tensor | tuple/list of tensors | dict[str, Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]
-
-CHECKPOINT_VERSION = 1
-_C = TypeVar("_C")
 
 
 @runtime_checkable
@@ -138,6 +160,13 @@ class LoopConfig:
         default=0, metadata={"help": "CPU threads for torch (0: torch's default, one per core)"}
     )
     progress: bool = field(default=True, metadata={"help": "show a tqdm bar"})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "start a new run in an out_dir that already holds one (its checkpoints and metrics "
+            "are deleted); without it such an out_dir is refused unless resuming"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -178,16 +207,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------ pieces
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; anything else is passed to `torch.device`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {name!r} ({e}); expected auto, cpu, cuda or cuda:N") from None
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Autocast dtype. `auto` is bfloat16 on CUDA (when supported) and float32 elsewhere.
 
@@ -201,82 +220,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def lr_at(step: int, cfg: LoopConfig) -> float:
-    """Learning rate used for optimizer step `step` (1-based).
-
-    Linear warmup over `warmup_steps` (step 1 gets lr/warmup_steps, step `warmup_steps` gets lr),
-    then a half cosine from lr down to `min_lr_ratio * lr` at `max_steps`; constant after that.
-    """
-    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
-    if cfg.warmup_steps > 0 and step <= cfg.warmup_steps:
-        return peak * step / cfg.warmup_steps
-    decay_steps = cfg.max_steps - cfg.warmup_steps
-    if decay_steps <= 0 or step >= cfg.max_steps:
-        return floor if decay_steps > 0 else peak
-    progress = (step - cfg.warmup_steps) / decay_steps  # in (0, 1)
-    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """Split parameters into two AdamW groups: decay for matrices (ndim >= 2: attention/FFN weights,
-    token embeddings and output head), no decay for vectors (RMSNorm gains, biases).
-
-    The Llama 2 paper states only "weight decay of 0.1"; decaying matrices and not gains/biases is the
-    usual reading (nanoGPT, llama2.c) — shrinking a norm gain towards 0 is not a regulariser.
-    """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    decay_names: list[str] = []
-    no_decay_names: list[str] = []
-    for name, p in params:
-        if not p.requires_grad:
-            continue
-        if p.ndim >= 2:
-            decay.append(p)
-            decay_names.append(name)
-        else:
-            no_decay.append(p)
-            no_decay_names.append(name)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
-        {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
-    ]
-
-
-def build_optimizer(
-    model: nn.Module, cfg: LoopConfig, trainable: Iterable[nn.Parameter] | None = None
-) -> torch.optim.AdamW:
-    """AdamW over `trainable` (default: all parameters that require grad) with `param_groups`."""
-    named = list(model.named_parameters())
-    if trainable is not None:
-        wanted = {id(p) for p in trainable}
-        named = [(n, p) for n, p in named if id(p) in wanted]
-    groups = [g for g in param_groups(named, cfg.weight_decay) if g["params"]]
-    if not groups:
-        raise ConfigError("no trainable parameters: every parameter has requires_grad=False")
-    fused = None
-    if all(p.is_cuda for g in groups for p in g["params"]):
-        fused = True
-    return torch.optim.AdamW(
-        groups,
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        fused=fused,
-    )
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: LoopConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR whose epoch counter is the number of optimizer steps taken; the LR for step s
-    (1-based) is `lr_at(s, cfg)`. (A plain function, so the scheduler state holds only counters.)"""
-
-    def factor(k: int) -> float:  # multiplier of the peak LR after k scheduler steps (= step k+1)
-        return lr_at(k + 1, cfg) / cfg.lr
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=factor)
 
 
 def move_to(batch: Batch, device: torch.device) -> Batch:
@@ -307,155 +250,6 @@ def count_tokens(batch: Batch) -> int:
             if isinstance(v, Tensor):
                 return int(v.numel())
     return 0
-
-
-# ---------------------------------------------------------------------------- RNG and checkpoints
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """`torch.save` to a temporary file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_dir(out_dir: Path) -> Path:
-    return Path(out_dir) / "checkpoints"
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint named by `<out_dir>/checkpoints/latest`, or None when there is none."""
-    ckdir = checkpoint_dir(out_dir)
-    pointer = ckdir / "latest"
-    if pointer.is_file():
-        path = ckdir / pointer.read_text(encoding="utf-8").strip()
-        if path.is_file():
-            return path
-    found = sorted(ckdir.glob("step_*.pt"))
-    return found[-1] if found else None
-
-
-def load_training_checkpoint(path: Path) -> dict[str, Any]:
-    """Read one of our training checkpoints (trusted: written by `train`, contains RNG states)."""
-    try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path}: cannot read training checkpoint ({e})") from None
-    if not isinstance(state, dict) or state.get("kind") != "llama2-train-checkpoint":
-        raise CheckpointError(f"{path}: not a llama2 training checkpoint (expected one written by train())")
-    return state
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A dataclass as a JSON/TOML-friendly dict (Paths -> str, nested dataclasses flattened to dicts)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        out[f.name] = _plain(getattr(cfg, f.name))
-    return out
-
-
-def config_from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
-    """Rebuild a config dataclass from `config_to_dict` output (or a parsed TOML file): `Path` fields
-    are converted back; unknown keys raise `ConfigError`."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; expected some of {sorted(names)}")
-    kwargs: dict[str, Any] = {}
-    for k, v in data.items():
-        hint = hints[k]
-        is_path = hint is Path or (
-            typing.get_origin(hint) in (typing.Union, types.UnionType) and Path in typing.get_args(hint)
-        )
-        kwargs[k] = Path(v) if is_path and isinstance(v, str) else v
-    return cls(**kwargs)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, Path):
-        return str(v)
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return config_to_dict(v)
-    if isinstance(v, tuple | list):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    return v
-
-
-def to_toml(data: Mapping[str, Any]) -> str:
-    """Serialise a flat mapping (str/int/float/bool/list, None values skipped) as TOML."""
-    lines = []
-    tables = []
-    for key, value in data.items():
-        if value is None:
-            continue
-        if isinstance(value, Mapping):
-            tables.append((key, value))
-            continue
-        lines.append(f"{key} = {_toml_value(value)}")
-    for name, table in tables:
-        lines.append(f"\n[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        if isinstance(v, float) and not math.isfinite(v):
-            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-        return repr(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # a JSON string literal is a valid TOML basic string
-
-
-def save_resolved_config(cfg: Any, out_dir: Path, name: str = "config") -> Path:
-    """Write the final resolved config dataclass as `<out_dir>/<name>.toml` (loadable with `--config`)."""
-    path = Path(out_dir) / f"{name}.toml"
-    atomic_write_text(path, to_toml(config_to_dict(cfg)))
-    return path
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -490,6 +284,14 @@ def evaluate(
     return total / n
 
 
+def _write_metrics(path: Path, action: Callable[..., object], *args: Any) -> None:
+    """Run a metrics write; a full disk (any OSError) becomes one `CheckpointError` line."""
+    try:
+        action(*args)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -507,6 +309,7 @@ def train(
     trainable: Iterable[nn.Parameter] | None = None,
     tokens_in_batch: Callable[[Batch], int] = count_tokens,
     extra_state: Callable[[], dict[str, Any]] | None = None,
+    on_start: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Run the optimisation described by `cfg` (see the module docstring for the contracts).
 
@@ -521,6 +324,10 @@ def train(
         trainable: parameters to optimise (default: all with requires_grad).
         tokens_in_batch: counts the tokens of a micro-batch for tokens/s and tokens_seen.
         extra_state: optional callable whose dict is stored in each checkpoint under "extra".
+        on_start: called with the run folder once it and the checkpoint to resume (if any) have been
+            checked and restored, before the first step. Stages write their `config.toml` and
+            `params.json` here, so a refused run (a changed shape on `--resume`, a folder holding
+            another run) leaves every file in the run folder as it was.
 
     Returns:
         A `TrainResult` with the final step, tokens seen, losses and wall time.
@@ -531,11 +338,13 @@ def train(
         )
     device = resolve_device(cfg.device)
     amp_dtype = resolve_dtype(cfg.dtype, device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     if cfg.threads < 0:
         raise ConfigError(f"LoopConfig.threads must be >= 0, got {cfg.threads}")
+    out_dir = prepare_run_dir(cfg.out_dir, resume=resume, overwrite=cfg.overwrite)
+    stale = remove_stale_temp_files(out_dir)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) of an interrupted save in {out_dir}")
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -548,32 +357,39 @@ def train(
 
     step, tokens_seen = 0, 0
     metrics = MetricsLogger(out_dir)
-    if resume:
-        path = latest_checkpoint(out_dir)
-        if path is not None:
-            state = load_training_checkpoint(path)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            train_batches.load_state_dict(state["data"])
-            set_rng_state(state["rng"])
-            step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-            metrics.truncate_after(step)
-            print(f"resumed from {path} at step {step}")
-        else:
-            metrics.reset()  # nothing to resume: a fresh run
+    resumed_from = latest_checkpoint(out_dir) if resume else None
+    if resumed_from is not None:
+        state = load_training_checkpoint(resumed_from)
+        step, tokens_seen = restore_training_state(
+            state,
+            resumed_from,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            data=train_batches,
+            config=config_to_dict(cfg),
+        )
+        del state
+        _write_metrics(metrics.path, metrics.truncate_after, step)
+        print(f"resumed from {resumed_from} at step {step}")
     else:
-        metrics.reset()
+        if not resume and cfg.overwrite:  # only now: every check before this point has passed
+            n_old = clear_previous_run(out_dir)
+            if n_old:
+                print(f"overwrite: removed {n_old} checkpoint file(s) of the previous run in {out_dir}")
+        _write_metrics(metrics.path, metrics.reset)  # a fresh run (or nothing to resume)
+    if on_start is not None:
+        on_start(out_dir)
+    saver = CheckpointSaver(out_dir, cfg.keep_checkpoints, resumed_from)
+    shape = model_shape(model)
 
     fwd_model: nn.Module = model
     if cfg.compile:
         fwd_model = torch.compile(model)  # type: ignore[assignment]
 
     def save(step_now: int) -> Path:
-        ckdir = checkpoint_dir(out_dir)
-        path = ckdir / f"step_{step_now:07d}.pt"
         payload: dict[str, Any] = {
-            "kind": "llama2-train-checkpoint",
+            "kind": CHECKPOINT_KIND,
             "version": CHECKPOINT_VERSION,
             "step": step_now,
             "tokens_seen": tokens_seen,
@@ -585,12 +401,9 @@ def train(
             "config": config_to_dict(cfg),
             "extra": extra_state() if extra_state is not None else {},
         }
-        atomic_torch_save(payload, path)
-        atomic_write_text(ckdir / "latest", path.name + "\n")
-        old = sorted(ckdir.glob("step_*.pt"))[: -cfg.keep_checkpoints]
-        for p in old:
-            p.unlink(missing_ok=True)
-        return path
+        if shape is not None:
+            payload["model_args"] = shape
+        return saver.save(step_now, payload)
 
     bar = None
     if cfg.progress:
@@ -646,7 +459,7 @@ def train(
                 "tokens_per_s": tok_s,
                 "time_s": time.perf_counter() - t_start,
             }
-            metrics.log(rec)
+            _write_metrics(metrics.path, metrics.log, rec)
             history.append(rec)
             last_train_loss = window_loss / window_n
             window_loss, window_n = 0.0, 0
@@ -655,7 +468,7 @@ def train(
         if val_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or is_last):
             val_loss = evaluate(fwd_model, loss_fn, val_batches, cfg.eval_batches, device, amp_dtype)
             rec = {"step": step, "split": "val", "loss": val_loss, "tokens_seen": tokens_seen}
-            metrics.log(rec)
+            _write_metrics(metrics.path, metrics.log, rec)
             history.append(rec)
             if bar is not None:
                 bar.write(f"step {step}: val loss {val_loss:.4f}")
@@ -663,12 +476,12 @@ def train(
             rate_tokens = 0
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:
             save(step)
-            metrics.plot()
+            _write_metrics(metrics.png_path, metrics.plot)
             rate_t0 = time.perf_counter()
             rate_tokens = 0
     if bar is not None:
         bar.close()
-    metrics.plot()
+    _write_metrics(metrics.png_path, metrics.plot)
     return TrainResult(
         step=step,
         tokens_seen=tokens_seen,

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from llama2.checkpoint.save import atomic_write
 from llama2.errors import CheckpointError, ConfigError
 from llama2.quant.linear import QuantizedLinear
 
@@ -310,10 +311,16 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir: Path | str, **info:
     tensors = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     if not tensors:
         raise ConfigError("the model has no LoRA adapters to save; call apply_lora first")
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "llama2-lora"})
-    (out / ADAPTER_CONFIG).write_text(
-        json.dumps({**cfg.to_json(), **info}, indent=2, default=str) + "\n", encoding="utf-8"
-    )
+    text = json.dumps({**cfg.to_json(), **info}, indent=2, default=str) + "\n"
+
+    def write_weights(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={"format": "llama2-lora"})
+
+    def write_config(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    atomic_write(out / ADAPTER_WEIGHTS, write_weights)  # temporary file + rename: never half a file
+    atomic_write(out / ADAPTER_CONFIG, write_config)
     return out
 
 

@@ -1,12 +1,19 @@
 """Training metrics: one JSON object per line in `metrics.jsonl`, and a loss-curve PNG (train and
-validation loss against step) rewritten as training goes (matplotlib's Agg backend, no display)."""
+validation loss against step) rewritten as training goes (matplotlib's Agg backend, no display).
+
+New records are appended to the log; emptying or cutting it (a fresh run, a resume) and every redraw
+of the PNG write a temporary file and rename it over the old one (`atomic_write`), so a kill or a
+full disk leaves the previous file whole.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from llama2.checkpoint.save import atomic_write
+from llama2.train.checkpointing import write_text_atomic
 
 
 class MetricsLogger:
@@ -22,14 +29,12 @@ class MetricsLogger:
 
     def reset(self) -> None:
         """Start a fresh log (a new run in this folder)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("", encoding="utf-8")
+        write_text_atomic(self.path, "")
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (a run resumed from the checkpoint at `step` rewrites them)."""
         kept = [r for r in self.read() if int(r.get("step", 0)) <= step]
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,8 +77,9 @@ class MetricsLogger:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.png_path.with_name(f".{self.png_path.name}.tmp{os.getpid()}.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.png_path)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        finally:
+            plt.close(fig)
         return self.png_path

@@ -2,17 +2,19 @@
 
 `run_pretrain(PretrainConfig(...))` is the whole stage; `llama2 train pretrain --config run.toml`
 calls it. The config is flat (every `LoopConfig` field plus data and model-shape fields), so any field
-of the TOML file can be overridden by a command-line flag. The resolved config is written to
-`<out_dir>/config.toml` before training starts; `--resume` continues from
-`<out_dir>/checkpoints/latest`. The final model is written in our format (`params.json`,
-`model.safetensors`, `tokenizer.model`) to `<out_dir>/model/`, and as a Hugging Face folder to
-`<out_dir>/hf/` with `export_hf = true`.
+of the TOML file can be overridden by a command-line flag. The resolved config and the model shape
+are written to `<out_dir>/config.toml` and `<out_dir>/params.json` once the run folder and the
+checkpoint to resume have been checked, just before the first step (a refused run changes no file);
+`--resume` continues from `<out_dir>/checkpoints/latest`. The final model is written in our format
+(`params.json`, `model.safetensors`, `tokenizer.model`) to `<out_dir>/model/`, and as a Hugging Face
+folder to `<out_dir>/hf/` with `export_hf = true`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +29,8 @@ from llama2.data.corpus import TokenFile, build_token_file, load_encoder
 from llama2.data.packing import PackedBatches, PackedSequences, SequentialBatches, split_documents
 from llama2.errors import ConfigError
 from llama2.model import Transformer
+from llama2.runtime import resolve_device
+from llama2.train.checkpointing import prepare_run_dir, write_text_atomic
 from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, save_resolved_config, train
 
 IGNORE_INDEX = -100
@@ -187,20 +191,33 @@ def save_model(
     return save_checkpoint(sd, args, out_dir, tokenizer_path=tokenizer_path)
 
 
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write `data` as indented JSON, atomically (`CheckpointError` when the disk refuses)."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_run_files(out_dir: Path, cfg: Any, args: ModelArgs | None = None) -> None:
+    """`config.toml` (the resolved config) and, given a shape, `params.json` in the run folder.
+
+    Passed to `train` as `on_start`, so they are written only after the run folder and the
+    checkpoint to resume have been checked: a refused run leaves the previous ones untouched."""
+    save_resolved_config(cfg, out_dir)
+    if args is not None:
+        write_json(out_dir / "params.json", args.to_params_json())
+
+
 def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Pretrain a Llama 2 model as described by `cfg` (see the module docstring).
 
     Returns:
         A `PretrainResult` with the loop summary and the saved model folder.
     """
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    resolve_device(cfg.device)  # a device this machine lacks fails now, not after data preparation
+    out_dir = prepare_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     save_dtype = parse_save_dtype(cfg.save_dtype)
     encoder = load_encoder(cfg.tokenizer)
     args = cfg.model_args(encoder.vocab_size)
     train_set, val_set, _ = prepare_data(cfg)
-    save_resolved_config(cfg, out_dir)
-    (out_dir / "params.json").write_text(json.dumps(args.to_params_json(), indent=2) + "\n", encoding="utf-8")
 
     torch.manual_seed(cfg.seed)
     model = Transformer(args)
@@ -214,7 +231,10 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     loop_cfg = cfg.loop_config()
     batches = PackedBatches(train_set, loop_cfg.batch_size, seed=cfg.seed)
     val_batches = SequentialBatches(val_set, loop_cfg.batch_size) if val_set is not None else None
-    result = train(model, lm_loss, batches, val_batches, loop_cfg, resume=cfg.resume)
+    result = train(
+        model, lm_loss, batches, val_batches, loop_cfg, resume=cfg.resume,
+        on_start=lambda folder: write_run_files(folder, cfg, args),
+    )  # fmt: skip
 
     model_dir = save_model(model, args, out_dir / "model", Path(cfg.tokenizer), save_dtype)
     if cfg.export_hf:
@@ -228,7 +248,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         "n_params": n_params,
         "config": config_to_dict(cfg),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "summary.json", summary)
     return PretrainResult(
         train=result,
         model_dir=model_dir,

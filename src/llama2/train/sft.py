@@ -23,7 +23,6 @@ where a small model needs otherwise — set `lr`, `max_steps` in the config.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +42,10 @@ from llama2.data.sft import (
     sft_loss,
 )
 from llama2.errors import ConfigError
+from llama2.runtime import resolve_device
 from llama2.tokenizer import Tokenizer
-from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, save_resolved_config, train
+from llama2.train.checkpointing import prepare_run_dir
+from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, train
 from llama2.train.lora import (
     LoRAConfig,
     apply_lora,
@@ -53,7 +54,7 @@ from llama2.train.lora import (
     merge_lora,
     save_adapter,
 )
-from llama2.train.pretrain import parse_save_dtype, save_model
+from llama2.train.pretrain import parse_save_dtype, save_model, write_json, write_run_files
 
 
 @dataclass
@@ -128,8 +129,8 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
         ConfigError: bad settings, no tokenizer found, or rows longer than the model's context.
         CheckpointError / DialogError: unreadable base checkpoint or malformed dialogs.
     """
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    resolve_device(cfg.device)  # a device this machine lacks fails now, not after data preparation
+    out_dir = prepare_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     save_dtype = parse_save_dtype(cfg.save_dtype)
     lora_cfg = cfg.lora_config()
     if cfg.merge and lora_cfg is None:
@@ -186,8 +187,10 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
         f"{n_trainable:,} trainable parameters",
         flush=True,
     )
-    save_resolved_config(cfg, out_dir)
-    result = train(model, sft_loss, batches, val_batches, loop_cfg, resume=cfg.resume, trainable=trainable)
+    result = train(
+        model, sft_loss, batches, val_batches, loop_cfg, resume=cfg.resume, trainable=trainable,
+        on_start=lambda folder: write_run_files(folder, cfg),  # after the folder/resume checks
+    )  # fmt: skip
 
     model.cpu()
     model_dir: Path | None = None
@@ -213,7 +216,7 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
         "answer_tokens_per_epoch": stats.supervised_tokens,
         "config": config_to_dict(cfg),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "summary.json", summary)
     return SFTResult(
         train=result,
         args=args,

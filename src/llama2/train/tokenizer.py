@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama2.checkpoint.save import atomic_write
 from llama2.data.corpus import iter_corpus
 from llama2.errors import ConfigError
 
@@ -117,7 +118,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Path:
         raise ConfigError(f"SentencePiece training failed: {e}") from None
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(out)
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(buf.getvalue())
+
+    atomic_write(out, write)
     return out

@@ -1,0 +1,96 @@
+"""Training configs as plain data: dataclass <-> dict, TOML output, and the run's `config.toml`.
+
+`config_to_dict` turns a config dataclass into str/int/float/bool/list/dict values (what a training
+checkpoint and a TOML file can hold); `config_from_dict` rebuilds the dataclass from that dict or from
+a parsed TOML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from llama2.errors import ConfigError
+from llama2.train.checkpointing import write_text_atomic
+
+_C = TypeVar("_C")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass as a JSON/TOML-friendly dict (Paths -> str, nested dataclasses flattened to dicts)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        out[f.name] = _plain(getattr(cfg, f.name))
+    return out
+
+
+def config_from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
+    """Rebuild a config dataclass from `config_to_dict` output (or a parsed TOML file): `Path` fields
+    are converted back; unknown keys raise `ConfigError`."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; expected some of {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        hint = hints[k]
+        is_path = hint is Path or (
+            typing.get_origin(hint) in (typing.Union, types.UnionType) and Path in typing.get_args(hint)
+        )
+        kwargs[k] = Path(v) if is_path and isinstance(v, str) else v
+    return cls(**kwargs)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return config_to_dict(v)
+    if isinstance(v, tuple | list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return v
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Serialise a flat mapping (str/int/float/bool/list, None values skipped) as TOML."""
+    lines = []
+    tables = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            tables.append((key, value))
+            continue
+        lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string literal is a valid TOML basic string
+
+
+def save_resolved_config(cfg: Any, out_dir: Path, name: str = "config") -> Path:
+    """Write the final resolved config dataclass as `<out_dir>/<name>.toml` (loadable with `--config`)."""
+    path = Path(out_dir) / f"{name}.toml"
+    write_text_atomic(path, to_toml(config_to_dict(cfg)))
+    return path

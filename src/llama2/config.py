@@ -8,12 +8,12 @@ or folder name. Checkpoint loaders read the shape from the checkpoint's own meta
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from llama2.errors import ConfigError
+from llama2.limits import BOUNDS, check_float, check_int, loads_json
 
 RopeScalingType = Literal["linear", "dynamic"]
 
@@ -31,10 +31,26 @@ class RopeScaling:
     factor: float
 
     def __post_init__(self) -> None:
-        if self.type not in ("linear", "dynamic"):
-            raise ConfigError(f"rope_scaling type must be 'linear' or 'dynamic', got {self.type!r}")
-        if not self.factor >= 1.0:
-            raise ConfigError(f"rope_scaling factor must be >= 1.0, got {self.factor}")
+        if not isinstance(self.type, str) or self.type not in ("linear", "dynamic"):
+            raise ConfigError(f"rope_scaling type must be 'linear' or 'dynamic', got {self.type!r:.40}")
+        check_float(self.factor, "rope_scaling_factor", "rope_scaling factor")
+
+    @classmethod
+    def from_dict(cls, scaling: Any, where: str) -> RopeScaling | None:
+        """Read `{"type" or "rope_type": ..., "factor": ...}`; None for the `default` type (no scaling).
+
+        Raises:
+            ConfigError: naming `where`: not an object, an unknown type, a missing or bad factor.
+        """
+        if not isinstance(scaling, dict):
+            raise ConfigError(f"{where} must be an object with 'type' and 'factor', got {scaling!r:.40}")
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind in (None, "default"):
+            return None
+        if "factor" not in scaling:
+            raise ConfigError(f"{where} of type {kind!r:.40} has no 'factor'")
+        factor = check_float(scaling["factor"], "rope_scaling_factor", f"{where} factor")
+        return cls(kind, factor)
 
 
 @dataclass(frozen=True)
@@ -56,10 +72,22 @@ class ModelArgs:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        # Types and bounds first (see llama2.limits.BOUNDS), so no arithmetic below can blow up.
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+            check_int(getattr(self, name), name, f"ModelArgs.{name}")
+        for name in ("n_kv_heads", "hidden_dim"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, f"ModelArgs.{name}")
+        if self.ffn_dim_multiplier is not None:
+            check_float(self.ffn_dim_multiplier, "ffn_dim_multiplier", "ModelArgs.ffn_dim_multiplier")
+        check_float(self.norm_eps, "norm_eps", "ModelArgs.norm_eps")
+        check_float(self.rope_theta, "rope_theta", "ModelArgs.rope_theta")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(
+                f"ModelArgs.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r:.40}"
+            )
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"ModelArgs.extra must be a dict, got {type(self.extra).__name__}")
         if self.dim % self.n_heads != 0:
             raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2 != 0:
@@ -67,6 +95,11 @@ class ModelArgs:
         if self.n_heads % self.kv_heads != 0:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})"
+            )
+        if self.ffn_hidden_dim not in BOUNDS["hidden_dim"]:
+            raise ConfigError(
+                f"the FFN width from dim {self.dim}, ffn_dim_multiplier {self.ffn_dim_multiplier} and "
+                f"multiple_of {self.multiple_of} is {self.ffn_hidden_dim}; expected {BOUNDS['hidden_dim']}"
             )
 
     @property
@@ -123,59 +156,89 @@ class ModelArgs:
     @classmethod
     def from_params_json(cls, params: dict[str, Any], *, vocab_size: int | None = None) -> ModelArgs:
         """Read Meta's `params.json`. Meta stores `vocab_size: -1`; pass the real size (from the
-        checkpoint's embedding tensor) as `vocab_size`."""
+        checkpoint's embedding tensor) as `vocab_size`.
+
+        Raises:
+            ConfigError: naming the field: a value of the wrong type (a string, null, list or bool
+                where a number belongs) or outside `llama2.limits.BOUNDS`, or an inconsistent shape.
+        """
+        if not isinstance(params, dict):
+            raise ConfigError(f"params.json must hold a JSON object, got {type(params).__name__}")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling"}
         kwargs: dict[str, Any] = {k: v for k, v in params.items() if k in known}
         extra = {k: v for k, v in params.items() if k not in known and k != "rope_scaling"}
         if vocab_size is not None:
             kwargs["vocab_size"] = vocab_size
-        if kwargs.get("vocab_size", 0) in (-1, None):
+        elif kwargs.get("vocab_size", 0) is None or _is_int(kwargs.get("vocab_size"), -1):
             raise ConfigError("params.json has vocab_size -1 and no vocabulary size was supplied")
+        for name, value in kwargs.items():
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
+            if name in _FLOAT_FIELDS:
+                kwargs[name] = check_float(value, name)
+            else:
+                check_int(value, name)
         scaling = params.get("rope_scaling")
-        if scaling:
-            kwargs["rope_scaling"] = RopeScaling(scaling["type"], float(scaling["factor"]))
-        for float_field in ("norm_eps", "rope_theta"):
-            if float_field in kwargs:
-                kwargs[float_field] = float(kwargs[float_field])
+        if scaling is not None:
+            kwargs["rope_scaling"] = RopeScaling.from_dict(scaling, "rope_scaling")
         return cls(**kwargs, extra=extra)
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
         """Read a Hugging Face `LlamaConfig` dict (`config.json`). Accepts both the classic
-        `rope_theta`/`rope_scaling` keys and transformers 5's `rope_parameters`."""
-        if config.get("model_type", "llama") != "llama":
-            raise ConfigError(f"config.json model_type must be 'llama', got {config.get('model_type')!r}")
-        try:
-            dim = int(config["hidden_size"])
-            n_heads = int(config["num_attention_heads"])
-            args: dict[str, Any] = {
-                "dim": dim,
-                "n_layers": int(config["num_hidden_layers"]),
-                "n_heads": n_heads,
-                "n_kv_heads": int(config.get("num_key_value_heads") or n_heads),
-                "vocab_size": int(config["vocab_size"]),
-                "hidden_dim": int(config["intermediate_size"]),
-                "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
-                "max_seq_len": int(config.get("max_position_embeddings", 4096)),
-            }
-        except KeyError as e:
-            raise ConfigError(f"config.json is missing required key {e.args[0]!r}") from None
+        `rope_theta`/`rope_scaling` keys and transformers 5's `rope_parameters`.
+
+        Raises:
+            ConfigError: naming the config.json key: missing, of the wrong type, out of bounds, or a
+                Llama variant this model does not implement.
+        """
+        if not isinstance(config, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(config).__name__}")
+        model_type = config.get("model_type", "llama")
+        if model_type != "llama":
+            raise ConfigError(f"config.json model_type must be 'llama', got {model_type!r:.40}")
+
+        def get(key: str, default: Any = _REQUIRED) -> Any:
+            if key in config and config[key] is not None:
+                return config[key]
+            if default is _REQUIRED:
+                raise ConfigError(f"config.json is missing required key {key!r}")
+            return default
+
+        def integer(key: str, field_name: str, default: Any = _REQUIRED) -> int:
+            return check_int(get(key, default), field_name, key)
+
+        dim = integer("hidden_size", "dim")
+        n_heads = integer("num_attention_heads", "n_heads")
+        args: dict[str, Any] = {
+            "dim": dim,
+            "n_layers": integer("num_hidden_layers", "n_layers"),
+            "n_heads": n_heads,
+            "n_kv_heads": integer("num_key_value_heads", "n_kv_heads", n_heads),
+            "vocab_size": integer("vocab_size", "vocab_size"),
+            "hidden_dim": integer("intermediate_size", "hidden_dim"),
+            "norm_eps": check_float(get("rms_norm_eps", 1e-6), "norm_eps", "rms_norm_eps"),
+            "max_seq_len": integer("max_position_embeddings", "max_seq_len", 4096),
+        }
         if args["n_kv_heads"] == n_heads:
             args["n_kv_heads"] = None
         head_dim = config.get("head_dim")
-        if head_dim is not None and int(head_dim) != dim // n_heads:
+        if head_dim is not None and check_int(head_dim, "dim", "head_dim") * n_heads != dim:
             raise ConfigError(f"config.json head_dim {head_dim} != hidden_size/num_attention_heads")
         rope = config.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_parameters must be an object, got {rope!r:.40}")
         theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-        args["rope_theta"] = float(theta)
+        args["rope_theta"] = check_float(theta, "rope_theta", "rope_theta")
         scaling = config.get("rope_scaling") or None
         rope_type = rope.get("rope_type") or rope.get("type")
         if scaling is None and rope_type not in (None, "default"):
             scaling = rope
-        if scaling:
-            kind = scaling.get("rope_type") or scaling.get("type")
-            if kind not in (None, "default"):
-                args["rope_scaling"] = RopeScaling(kind, float(scaling["factor"]))
+        if scaling is not None:
+            args["rope_scaling"] = RopeScaling.from_dict(scaling, "rope_scaling")
+        for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            if not isinstance(config.get(key, False), (bool, type(None))):
+                raise ConfigError(f"{key} must be true or false, got {config[key]!r:.40}")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise ConfigError("Llama checkpoints with attention_bias/mlp_bias are not supported")
         if config.get("tie_word_embeddings"):
@@ -210,6 +273,15 @@ class ModelArgs:
                 "factor": self.rope_scaling.factor,
             }
         return cfg
+
+
+_REQUIRED: Any = object()  # sentinel: a config key without a default
+_FLOAT_FIELDS = frozenset({"norm_eps", "rope_theta", "ffn_dim_multiplier"})
+_OPTIONAL_FIELDS = frozenset({"n_kv_heads", "ffn_dim_multiplier", "hidden_dim"})
+
+
+def _is_int(value: Any, target: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value == target
 
 
 # Named presets (Meta's published shapes). vocab 32016 for Code Llama 7B/13B: 16 extra pieces for infilling.
@@ -252,13 +324,17 @@ def preset(name: str) -> ModelArgs:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object from `path`, raising `ConfigError` naming the file on failure."""
+    """Read a JSON object from `path`, raising `ConfigError` naming the file on failure (missing,
+    unreadable, too large, not JSON, nested too deeply, or not an object)."""
+    limit = BOUNDS["json_bytes"].max
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            raw = f.read(limit + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read file ({e.strerror or e})") from None
+    data = loads_json(raw, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

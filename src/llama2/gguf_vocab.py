@@ -1,9 +1,6 @@
-"""Read a GGUF file's header, and the SentencePiece vocabulary stored in it.
+"""Read the SentencePiece vocabulary stored in a GGUF file, and build one from a SentencePiece model.
 
-`read_gguf_header` parses a GGUF (v2/v3) header, the key-value metadata and the tensor table, from a
-memory map without touching the tensor data; it is torch-free and about 50x faster than
-`gguf.GGUFReader` on a 32k-token vocabulary (string arrays are decoded in one pass, numeric arrays
-with `numpy.frombuffer`). `llama2.checkpoint.gguf_model` reads model weights with it.
+The GGUF header parser lives in `llama2.gguf_header` (re-exported here under its old names).
 
 llama.cpp stores a Llama tokenizer as three parallel arrays (`tokenizer.ggml.tokens`, `.scores`,
 `.token_type`) plus the special ids. That is everything a SentencePiece BPE model needs: this module
@@ -14,11 +11,8 @@ does, so the bytes are the canonical serialisation of that message.
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -26,283 +20,39 @@ from typing import Any
 import numpy as np
 
 from llama2.errors import TokenizerError
+from llama2.gguf_header import (
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGUFFormatError,
+    GGUFHeader,
+    GGUFTensorInfo,
+    is_gguf,
+    read_gguf_architecture,
+    read_gguf_header,
+)
+from llama2.limits import BOUNDS
 
-GGUF_MAGIC = b"GGUF"
-GGUF_DEFAULT_ALIGNMENT = 32
-_FIXED_HEADER_BYTES = 24  # magic, uint32 version, uint64 tensor count, uint64 key-value count
+__all__ = [
+    "GGUF_DEFAULT_ALIGNMENT",
+    "GGUF_MAGIC",
+    "GGUFFormatError",
+    "GGUFHeader",
+    "GGUFTensorInfo",
+    "GGUFVocab",
+    "PieceType",
+    "is_gguf",
+    "read_gguf_architecture",
+    "read_gguf_header",
+    "read_gguf_vocab",
+    "read_vocab",
+    "save_sentencepiece",
+    "sentencepiece_model_bytes",
+    "vocab_from_sentencepiece",
+]
+
 
 # SentencePiece `TrainerSpec` defaults for the special pieces' names; written only when they differ.
 _DEFAULT_PIECE_NAMES = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
-
-
-class GGUFFormatError(ValueError):
-    """A file is not a readable GGUF file (bad magic, unsupported version, truncated, corrupt)."""
-
-
-class _ValueType(IntEnum):
-    """GGUF metadata value types (gguf spec `gguf_metadata_value_type`)."""
-
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
-
-
-_SCALAR_FORMATS: dict[int, str] = {
-    _ValueType.UINT8: "<B",
-    _ValueType.INT8: "<b",
-    _ValueType.UINT16: "<H",
-    _ValueType.INT16: "<h",
-    _ValueType.UINT32: "<I",
-    _ValueType.INT32: "<i",
-    _ValueType.FLOAT32: "<f",
-    _ValueType.BOOL: "<?",
-    _ValueType.UINT64: "<Q",
-    _ValueType.INT64: "<q",
-    _ValueType.FLOAT64: "<d",
-}
-_NUMPY_DTYPES: dict[int, str] = {
-    _ValueType.UINT8: "<u1",
-    _ValueType.INT8: "<i1",
-    _ValueType.UINT16: "<u2",
-    _ValueType.INT16: "<i2",
-    _ValueType.UINT32: "<u4",
-    _ValueType.INT32: "<i4",
-    _ValueType.FLOAT32: "<f4",
-    _ValueType.BOOL: "?",
-    _ValueType.UINT64: "<u8",
-    _ValueType.INT64: "<i8",
-    _ValueType.FLOAT64: "<f8",
-}
-
-
-@dataclass(frozen=True)
-class GGUFTensorInfo:
-    """One entry of a GGUF file's tensor table.
-
-    Attributes:
-        name: the tensor's name (llama.cpp's, e.g. `blk.0.attn_q.weight`).
-        shape: numpy/torch order, i.e. GGUF's `ne` reversed: a weight is (rows, row_length).
-        ggml_type: the `ggml_type` number (0 F32, 1 F16, 8 Q8_0, 12 Q4_K, ...).
-        offset: absolute byte offset of its data in the file.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: int
-    offset: int
-
-
-@dataclass
-class GGUFHeader:
-    """A GGUF file's header: version, metadata and tensor table (no tensor data is read).
-
-    Attributes:
-        path: the file.
-        version: GGUF version (2 or 3).
-        fields: metadata key -> value: Python int/float/bool/str for scalars, list[str] for string
-            arrays, a numpy array for numeric arrays, a list for nested arrays.
-        tensors: the tensor table in file order.
-        data_offset: byte offset where tensor data begins (aligned to `alignment`).
-        alignment: `general.alignment` (default 32).
-        file_size: the file's size in bytes.
-    """
-
-    path: Path
-    version: int
-    fields: dict[str, Any] = field(default_factory=dict)
-    tensors: list[GGUFTensorInfo] = field(default_factory=list)
-    data_offset: int = 0
-    alignment: int = GGUF_DEFAULT_ALIGNMENT
-    file_size: int = 0
-
-
-class _Cursor:
-    """Bounds-checked little-endian reads from a buffer."""
-
-    def __init__(self, buf: mmap.mmap, pos: int = 0) -> None:
-        self.buf = buf
-        self.pos = pos
-        self.size = len(buf)
-
-    def need(self, n: int, what: str) -> None:
-        if n < 0 or self.pos + n > self.size:
-            raise GGUFFormatError(
-                f"truncated or corrupt GGUF file: {what} needs bytes {self.pos}..{self.pos + n} "
-                f"but the file has {self.size} bytes"
-            )
-
-    def scalar(self, fmt: str, what: str) -> Any:
-        n = struct.calcsize(fmt)
-        self.need(n, what)
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += n
-        return value
-
-    def string(self, what: str) -> str:
-        n = self.scalar("<Q", what)
-        self.need(n, what)
-        raw = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return raw.decode("utf-8", errors="replace")  # llama.cpp stores some invalid byte pieces
-
-    def value(self, vtype: int, what: str) -> Any:
-        if vtype == _ValueType.STRING:
-            return self.string(what)
-        if vtype == _ValueType.ARRAY:
-            sub = self.scalar("<I", what)
-            count = self.scalar("<Q", what)
-            if sub in _NUMPY_DTYPES:
-                dtype = np.dtype(_NUMPY_DTYPES[sub])
-                self.need(count * dtype.itemsize, what)
-                arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
-                self.pos += count * dtype.itemsize
-                return arr
-            if sub == _ValueType.STRING:
-                return self._strings(count, what)
-            if sub == _ValueType.ARRAY:
-                return [self.value(sub, what) for _ in range(count)]
-            raise GGUFFormatError(f"corrupt GGUF file: {what} is an array of unknown type {sub}")
-        fmt = _SCALAR_FORMATS.get(vtype)
-        if fmt is None:
-            raise GGUFFormatError(f"corrupt GGUF file: {what} has unknown value type {vtype}")
-        return self.scalar(fmt, what)
-
-    def _strings(self, count: int, what: str) -> list[str]:
-        buf, pos, size = self.buf, self.pos, self.size
-        if count > size:  # every string takes at least 8 bytes
-            raise GGUFFormatError(f"corrupt GGUF file: {what} claims {count} strings")
-        out: list[str] = []
-        append = out.append
-        unpack = struct.unpack_from
-        for _ in range(count):
-            if pos + 8 > size:
-                self.pos = pos
-                self.need(8, what)
-            (n,) = unpack("<Q", buf, pos)
-            pos += 8
-            if pos + n > size:
-                self.pos = pos
-                self.need(n, what)
-            raw = buf[pos : pos + n]
-            pos += n
-            try:
-                append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                append(raw.decode("utf-8", errors="replace"))
-        self.pos = pos
-        return out
-
-
-def read_gguf_header(path: Path | str) -> GGUFHeader:
-    """Parses a GGUF file's header, metadata and tensor table (the tensor data is not read).
-
-    Args:
-        path: the file.
-
-    Returns:
-        The header. Tensor offsets are absolute and checked to lie inside the file start-wise; the
-        caller checks each tensor's end (its byte size depends on its type).
-
-    Raises:
-        GGUFFormatError: the file is not GGUF, is big-endian or version 1, or is truncated/corrupt.
-        OSError: the file cannot be opened.
-    """
-    with _preamble(path) as (path, buf, size, cur, version, n_tensors, n_kv):
-        return _parse(path, buf, size, cur, version, n_tensors, n_kv)
-
-
-@contextlib.contextmanager
-def _preamble(path: Path | str) -> Iterator[tuple[Path, mmap.mmap, int, _Cursor, int, int, int]]:
-    """Map a GGUF file and read its fixed header: (path, map, size, cursor after the counts,
-    version, tensor count, key-value count)."""
-    path = Path(path)
-    with path.open("rb") as f:
-        size = path.stat().st_size
-        if size < _FIXED_HEADER_BYTES:
-            raise GGUFFormatError(f"truncated GGUF file ({size} bytes; the fixed header alone is 24)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != GGUF_MAGIC:
-                raise GGUFFormatError(
-                    f"not a GGUF file (it starts with {bytes(buf[:4])!r}, expected b'GGUF')"
-                )
-            cur = _Cursor(buf, 4)
-            version = cur.scalar("<I", "version")
-            if version not in (2, 3):
-                hint = " (a big-endian file?)" if version > 0xFFFF else ""
-                raise GGUFFormatError(f"unsupported GGUF version {version}{hint}; expected 2 or 3")
-            n_tensors = int(cur.scalar("<Q", "tensor count"))
-            n_kv = int(cur.scalar("<Q", "key-value count"))
-            yield path, buf, size, cur, version, n_tensors, n_kv
-
-
-def _parse(
-    path: Path, buf: mmap.mmap, size: int, cur: _Cursor, version: int, n_tensors: int, n_kv: int
-) -> GGUFHeader:
-    if n_tensors > size or n_kv > size:
-        raise GGUFFormatError(f"corrupt GGUF header ({n_tensors} tensors, {n_kv} keys in {size} bytes)")
-    header = GGUFHeader(path=path, version=version, file_size=size)
-    for i in range(n_kv):
-        key = cur.string(f"key {i}")
-        vtype = cur.scalar("<I", f"type of {key!r}")
-        header.fields[key] = cur.value(vtype, repr(key))
-    alignment = header.fields.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFFormatError(f"corrupt GGUF header: general.alignment {alignment!r} is not a power of two")
-    header.alignment = alignment
-    raw: list[tuple[str, tuple[int, ...], int, int]] = []
-    for i in range(n_tensors):
-        name = cur.string(f"name of tensor {i}")
-        n_dims = cur.scalar("<I", f"tensor {name!r}")
-        if n_dims > 8:
-            raise GGUFFormatError(f"corrupt GGUF tensor table: tensor {name!r} has {n_dims} dimensions")
-        cur.need(8 * n_dims + 12, f"tensor {name!r}")
-        ne = struct.unpack_from(f"<{n_dims}Q", buf, cur.pos)
-        cur.pos += 8 * n_dims
-        ggml_type = cur.scalar("<I", f"type of tensor {name!r}")
-        offset = cur.scalar("<Q", f"offset of tensor {name!r}")
-        raw.append((name, tuple(int(n) for n in reversed(ne)), ggml_type, offset))
-    data_offset = -(-cur.pos // alignment) * alignment
-    header.data_offset = data_offset
-    for name, shape, ggml_type, offset in raw:
-        if data_offset + offset > size:
-            raise GGUFFormatError(
-                f"truncated GGUF file: tensor {name!r} starts at byte {data_offset + offset} "
-                f"but the file has {size} bytes"
-            )
-        header.tensors.append(GGUFTensorInfo(name, shape, ggml_type, data_offset + offset))
-    return header
-
-
-def read_gguf_architecture(path: Path | str) -> tuple[int, str | None]:
-    """(tensor count, `general.architecture`) of a GGUF file, reading only as far as that key.
-
-    llama.cpp writes `general.architecture` first, so this is cheap even for a 128k-token vocabulary.
-
-    Raises:
-        GGUFFormatError: as `read_gguf_header`.
-        OSError: the file cannot be opened.
-    """
-    with _preamble(path) as (_, _, size, cur, _, n_tensors, n_kv):
-        for i in range(min(n_kv, size)):
-            key = cur.string(f"key {i}")
-            vtype = cur.scalar("<I", f"type of {key!r}")
-            value = cur.value(vtype, repr(key))
-            if key == "general.architecture":
-                return n_tensors, str(value)
-        return n_tensors, None
 
 
 class PieceType(IntEnum):
@@ -343,12 +93,6 @@ class GGUFVocab:
     remove_extra_whitespaces: bool = False
 
 
-def is_gguf(path: Path | str) -> bool:
-    """Tells whether a file starts with the GGUF magic bytes (the file's name is not looked at)."""
-    with Path(path).open("rb") as f:
-        return f.read(4) == GGUF_MAGIC
-
-
 def _field(header: GGUFHeader, key: str) -> Any:
     return header.fields.get(key)
 
@@ -380,8 +124,14 @@ def read_gguf_vocab(path: Path | str) -> GGUFVocab:
         )
     pieces = _field(header, "tokenizer.ggml.tokens")
     scores = _field(header, "tokenizer.ggml.scores")
-    if not pieces:
-        raise TokenizerError(f"GGUF file {path} has no 'tokenizer.ggml.tokens' array")
+    if not isinstance(pieces, list) or not pieces:
+        raise TokenizerError(f"GGUF file {path} has no 'tokenizer.ggml.tokens' array of strings")
+    if len(pieces) > BOUNDS["vocab_size"].max:
+        raise TokenizerError(
+            f"GGUF file {path}: {len(pieces)} tokens; at most {BOUNDS['vocab_size'].max} are supported"
+        )
+    _check_numeric(path, "tokenizer.ggml.scores", scores, "f")
+    _check_numeric(path, "tokenizer.ggml.token_type", _field(header, "tokenizer.ggml.token_type"), "iu")
     if scores is None or len(scores) != len(pieces):
         raise TokenizerError(
             f"GGUF file {path}: 'tokenizer.ggml.scores' must hold one score per token "
@@ -393,7 +143,7 @@ def read_gguf_vocab(path: Path | str) -> GGUFVocab:
         value = _field(header, f"tokenizer.ggml.{name}_token_id")
         if value is None:
             return None
-        if not 0 <= int(value) < n:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
             raise TokenizerError(
                 f"GGUF file {path}: {name} token id {value} is outside the {n}-token vocabulary"
             )
@@ -435,6 +185,13 @@ def read_gguf_vocab(path: Path | str) -> GGUFVocab:
         add_dummy_prefix=True if add_prefix is None else bool(add_prefix),
         remove_extra_whitespaces=False if remove_ws is None else bool(remove_ws),
     )
+
+
+def _check_numeric(path: Path, key: str, value: Any, kinds: str) -> None:
+    """Refuse a vocabulary array of the wrong element type (numpy kind 'f' float, 'i'/'u' integer)."""
+    if value is not None and (not isinstance(value, np.ndarray) or value.dtype.kind not in kinds):
+        expected = "floats" if kinds == "f" else "integers"
+        raise TokenizerError(f"GGUF file {path}: '{key}' must be an array of {expected}")
 
 
 def _is_byte_piece(piece: str) -> bool:

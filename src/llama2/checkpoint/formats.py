@@ -11,25 +11,56 @@ File names matter only where a format defines them (`params.json`, `config.json`
   - GGUF: `GGUF` magic (llama.cpp's self-describing container). A GGUF file is a model checkpoint when
     its header lists tensors and `general.architecture` is "llama"; one without tensors is a
     vocabulary-only file (a tokenizer), refused as a model.
+
+Headers are validated before anything is built from them: safetensors in `safetensors_header`,
+llama2.c in `llama2c_header`, GGUF in `llama2.gguf_header`, JSON configs with `llama2.limits`. An index
+file (`model.safetensors.index.json`) may only name plain files inside the checkpoint folder
+(`resolve_inside`).
 """
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from llama2.errors import CheckpointError
-from llama2.gguf_vocab import GGUFFormatError, read_gguf_architecture
+from llama2.checkpoint.llama2c_header import (
+    LLAMA2C_MAGIC,
+    LLAMA2C_V0_HEADER_BYTES,
+    LLAMA2C_V1_HEADER_BYTES,
+    Llama2cHeader,
+    read_head,
+    read_llama2c_header,
+)
+from llama2.checkpoint.safetensors_header import (
+    SAFETENSORS_MAX_HEADER,
+    read_safetensors_header,
+    safetensors_names,
+)
+from llama2.errors import CheckpointError, Llama2Error
+from llama2.gguf_header import GGUFFormatError, read_gguf_architecture
+from llama2.limits import BOUNDS, loads_json
 
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
-LLAMA2C_MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
-LLAMA2C_V1_HEADER_BYTES = 256
-LLAMA2C_V0_HEADER_BYTES = 28  # 7 x int32
-_SANE_DIM = 1 << 20  # a header field larger than this is not a real model dimension
+__all__ = [
+    "HF_INDEX_NAMES",
+    "LLAMA2C_MAGIC",
+    "LLAMA2C_V0_HEADER_BYTES",
+    "LLAMA2C_V1_HEADER_BYTES",
+    "SAFETENSORS_MAX_HEADER",
+    "CheckpointFormat",
+    "DetectedCheckpoint",
+    "FileKind",
+    "Llama2cHeader",
+    "detect",
+    "detect_format",
+    "read_llama2c_header",
+    "read_safetensors_header",
+    "resolve_inside",
+    "safetensors_names",
+    "sniff",
+]
 
 HF_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -77,120 +108,9 @@ class DetectedCheckpoint:
 
 
 # ------------------------------------------------------------------------------- sniffing
-def _read_head(path: Path, n: int) -> bytes:
-    try:
-        with path.open("rb") as f:
-            return f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read file ({e.strerror or e})") from None
-
-
-@dataclass(frozen=True)
-class Llama2cHeader:
-    """The shape stored in a llama2.c `.bin` header."""
-
-    version: int
-    dim: int
-    hidden_dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int  # always positive here
-    seq_len: int
-    shared_classifier: bool
-    header_bytes: int
-
-    def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        """(name, shape) of every tensor in file order (including v0's rope tables)."""
-        from llama2.checkpoint.keymaps import LLAMA2C_V0_ORDER, LLAMA2C_V1_ORDER, expand
-
-        hd = self.dim // self.n_heads
-        kv = self.n_kv_heads * hd
-        shapes: dict[str, tuple[int, ...]] = {
-            "tok_embeddings.weight": (self.vocab_size, self.dim),
-            "norm.weight": (self.dim,),
-            "output.weight": (self.vocab_size, self.dim),
-            "freq_cis_real": (self.seq_len, hd // 2),
-            "freq_cis_imag": (self.seq_len, hd // 2),
-            "layers.{i}.attention_norm.weight": (self.dim,),
-            "layers.{i}.ffn_norm.weight": (self.dim,),
-            "layers.{i}.attention.wq.weight": (self.n_heads * hd, self.dim),
-            "layers.{i}.attention.wk.weight": (kv, self.dim),
-            "layers.{i}.attention.wv.weight": (kv, self.dim),
-            "layers.{i}.attention.wo.weight": (self.dim, self.n_heads * hd),
-            "layers.{i}.feed_forward.w1.weight": (self.hidden_dim, self.dim),
-            "layers.{i}.feed_forward.w2.weight": (self.dim, self.hidden_dim),
-            "layers.{i}.feed_forward.w3.weight": (self.hidden_dim, self.dim),
-        }
-        order = LLAMA2C_V0_ORDER if self.version == 0 else LLAMA2C_V1_ORDER
-        out: list[tuple[str, tuple[int, ...]]] = []
-        for template in order:
-            if template == "output.weight" and self.shared_classifier:
-                continue
-            for name in expand([template], self.n_layers):
-                out.append((name, shapes[template]))
-        return out
-
-    def expected_file_size(self) -> int:
-        n = 0
-        for _, shape in self.tensor_shapes():
-            count = 1
-            for s in shape:
-                count *= s
-            n += count
-        return self.header_bytes + 4 * n
-
-
-def _plausible_shape(ints: tuple[int, ...]) -> bool:
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = ints
-    positive = (dim, hidden, n_layers, n_heads, n_kv, seq_len)
-    if any(v <= 0 or v > _SANE_DIM for v in positive) or vocab == 0 or abs(vocab) > _SANE_DIM:
-        return False
-    return dim % n_heads == 0 and n_heads % n_kv == 0 and (dim // n_heads) % 2 == 0
-
-
-def read_llama2c_header(path: Path) -> Llama2cHeader | None:
-    """Parse a llama2.c header; None when the file is not a llama2.c file.
-
-    A v1+ file is recognised by its magic; a v0 file (no magic) by a plausible shape whose weights
-    fit the file: a file at most as large as the shape implies is taken as (possibly truncated) v0.
-    """
-    head = _read_head(path, LLAMA2C_V1_HEADER_BYTES)
-    if len(head) >= 8 and struct.unpack("<I", head[:4])[0] == LLAMA2C_MAGIC:
-        version = struct.unpack("<i", head[4:8])[0]
-        if version != 1:
-            raise CheckpointError(
-                f"{path}: llama2.c file version {version} is not supported; expected version 0 or 1 "
-                "(float32). Version 2 is Q8_0-quantized: re-export it as float32 with llama2.c export.py"
-            )
-        if len(head) < 8 + 28 + 1:
-            raise CheckpointError(f"{path}: truncated llama2.c v1 header ({len(head)} bytes, expected 256)")
-        ints = struct.unpack("<7i", head[8:36])
-        if not _plausible_shape(ints) or ints[5] < 0:
-            raise CheckpointError(f"{path}: llama2.c v1 header holds an impossible shape {ints}")
-        dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = ints
-        return Llama2cHeader(
-            1, dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len, bool(head[36]), LLAMA2C_V1_HEADER_BYTES
-        )
-    if len(head) < LLAMA2C_V0_HEADER_BYTES:
-        return None
-    ints = struct.unpack("<7i", head[:28])
-    if not _plausible_shape(ints):
-        return None
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = ints
-    header = Llama2cHeader(
-        0, dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq_len, vocab > 0, LLAMA2C_V0_HEADER_BYTES
-    )
-    size = path.stat().st_size
-    # More than a small fraction of the implied size, and not larger: a v0 file (maybe truncated).
-    if size > header.expected_file_size() or size < LLAMA2C_V0_HEADER_BYTES + 4 * dim:
-        return None
-    return header
-
-
 def sniff(path: Path) -> FileKind:
     """Classify one file by its first bytes."""
-    head = _read_head(path, 16)
+    head = read_head(path, 16)
     if head.startswith(b"PK\x03\x04"):
         return FileKind.TORCH_ZIP
     if head.startswith(b"GGUF"):
@@ -210,63 +130,27 @@ def sniff(path: Path) -> FileKind:
     return FileKind.UNKNOWN
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header and check every tensor's bytes lie inside the file.
-
-    Returns:
-        (header, data_start): the JSON header (tensor name -> {dtype, shape, data_offsets}, plus an
-        optional `__metadata__`), and the byte offset where tensor data begins.
-
-    Raises:
-        CheckpointError: naming the file (and the first tensor cut off) when truncated or malformed.
-    """
-    size = path.stat().st_size
-    head = _read_head(path, 8)
-    if len(head) < 8:
-        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
-    (n,) = struct.unpack("<Q", head)
-    if n > SAFETENSORS_MAX_HEADER:
-        raise CheckpointError(f"{path}: safetensors header length {n} is implausible (file corrupt?)")
-    if 8 + n > size:
-        raise CheckpointError(
-            f"{path}: truncated safetensors file: header needs {8 + n} bytes, file has {size}"
-        )
-    with path.open("rb") as f:
-        f.seek(8)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_start = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has no valid data_offsets") from None
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated file: tensor {name!r} needs bytes "
-                f"{data_start + begin}..{data_start + end} but the file has {size} bytes"
-            )
-    return header, data_start
-
-
-def safetensors_names(path: Path) -> list[str]:
-    header, _ = read_safetensors_header(path)
-    return [k for k in header if k != "__metadata__"]
-
-
 def _json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is not one (unreadable, too large, too deep, not JSON)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        with path.open("rb") as f:
+            raw = f.read(BOUNDS["json_bytes"].max + 1)
+        data = loads_json(raw, str(path), CheckpointError)
+    except (OSError, Llama2Error):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _json_problem(path: Path) -> str:
+    """Why `path` is not a JSON object (for error messages)."""
+    try:
+        with path.open("rb") as f:
+            data = loads_json(f.read(BOUNDS["json_bytes"].max + 1), path.name, CheckpointError)
+    except OSError as e:
+        return f"{path.name}: cannot read file ({e.strerror or e})"
+    except Llama2Error as e:
+        return str(e)
+    return f"{path.name}: expected a JSON object, got {type(data).__name__}"
 
 
 def _is_meta_params(data: dict[str, Any] | None) -> bool:
@@ -386,8 +270,15 @@ def _detect_dir(root: Path) -> DetectedCheckpoint:
         model = models[0] if models else gguf_files[0]
         _check_gguf_model(model)  # a vocabulary-only file is refused here with its reason
         return DetectedCheckpoint(CheckpointFormat.GGUF, root, (model,), None, FileKind.GGUF)
+    unknown = [p for p, k in kinds.items() if k is FileKind.UNKNOWN]
+    not_weights = f"; not weight files: {_describe_unknown(unknown)}" if unknown else ""
     if params is not None or config is not None:
-        raise CheckpointError(f"{root}: a params.json/config.json is present but no weight files were found")
+        raise CheckpointError(
+            f"{root}: a params.json/config.json is present but no weight files were found{not_weights}"
+        )
+    broken = [_json_problem(p) for p in (params_path, config_path) if p.is_file()]
+    if broken:
+        raise CheckpointError(f"{root}: {'; '.join(broken)}{not_weights}")
     raise CheckpointError(
         f"{root}: unknown checkpoint format; expected params.json + consolidated.*.pth (Meta), "
         "config.json + *.safetensors (Hugging Face), params.json + model.safetensors (llama2), "
@@ -418,20 +309,78 @@ def _check_gguf_model(path: Path) -> None:
         )
 
 
+def _describe_unknown(files: list[Path], limit: int = 3) -> str:
+    """`name (why)` for files whose first bytes match no weight format, e.g. a corrupt safetensors file."""
+    out: list[str] = []
+    for p in files[:limit]:
+        head = read_head(p, 16)
+        if len(head) >= 9 and head[8:9] == b"{":
+            (n,) = struct.unpack("<Q", head[:8])
+            out.append(f"{p.name} (a safetensors-like file whose header length {n} is out of range)")
+        else:
+            out.append(f"{p.name} (starts with {head[:12]!r}; not safetensors, PyTorch, llama2.c or GGUF)")
+    more = f" and {len(files) - limit} more" if len(files) > limit else ""
+    return ", ".join(out) + more
+
+
+def _allowed_roots(root: Path) -> list[Path]:
+    """Folders a checkpoint's files may resolve into: the checkpoint folder, and for a Hugging Face
+    hub cache snapshot (`models--X/snapshots/REV/`) that repository's `blobs/`, where its links point."""
+    base = root.resolve()
+    roots = [base]
+    if base.parent.name == "snapshots":
+        roots.append(base.parent.parent / "blobs")
+    return roots
+
+
+def resolve_inside(root: Path, name: Any, source: Path) -> Path:
+    """The file a checkpoint index or pointer names, refused unless it is a plain file in `root`.
+
+    Args:
+        root: the checkpoint folder.
+        name: the JSON value naming the file (must be a relative path string).
+        source: the index file (for messages).
+
+    Raises:
+        CheckpointError: `name` is not a string, is absolute, holds `..`, does not exist, is not a
+            regular file, or resolves (through a symbolic link) outside the checkpoint folder.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{source}: a file name must be a non-empty string, got {name!r:.60}")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        raise CheckpointError(
+            f"{source}: file {name!r:.80} is not a plain name inside the checkpoint folder "
+            "(absolute paths and '..' are refused)"
+        )
+    path = root / rel
+    if not path.is_file():
+        raise CheckpointError(f"{source}: lists file {name!r:.80} which does not exist in {root}")
+    target = path.resolve()
+    if not any(target.is_relative_to(r) for r in _allowed_roots(root)):
+        raise CheckpointError(
+            f"{source}: file {name!r:.80} is a link to {target}, outside the checkpoint folder {root}"
+        )
+    return path
+
+
 def _index_shards(index_path: Path) -> tuple[Path, ...]:
     index = _json_object(index_path)
-    weight_map = index.get("weight_map") if index else None
+    if index is None:
+        raise CheckpointError(f"{index_path}: {_json_problem(index_path)}")
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: expected a JSON object with a non-empty 'weight_map'")
-    shards: list[Path] = []
-    for shard in weight_map.values():
-        p = index_path.parent / str(shard)
-        if p not in shards:
-            shards.append(p)
-    for p in shards:
-        if not p.is_file():
-            raise CheckpointError(f"{index_path}: lists shard {p.name} which does not exist")
-    return tuple(sorted(shards))
+    if len(weight_map) > BOUNDS["tensors_per_file"].max:
+        raise CheckpointError(
+            f"{index_path}: 'weight_map' lists {len(weight_map)} tensors; at most "
+            f"{BOUNDS['tensors_per_file'].max} are supported"
+        )
+    names: list[Any] = []
+    for name in weight_map.values():
+        if name not in names:
+            names.append(name)
+    return tuple(sorted({resolve_inside(index_path.parent, name, index_path) for name in names}))
 
 
 def detect_format(path: Path | str) -> CheckpointFormat:

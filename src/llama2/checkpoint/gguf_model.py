@@ -1,9 +1,9 @@
 """Read a llama.cpp GGUF model file (architecture `llama`) as a lazy `CheckpointContents`.
 
-The header (hyperparameters, vocabulary, tensor table) is parsed by `llama2.gguf_vocab.read_gguf_header`;
-tensor data is memory-mapped (`numpy.memmap`, copy-on-write, so nothing is read until a tensor is
-loaded and the file is never written) and each `TensorSource.load()` returns a view of the map, or a
-float32 tensor decoded from it.
+The header (hyperparameters, vocabulary, tensor table) is parsed and validated by
+`llama2.gguf_header.read_gguf_header`; tensor data is memory-mapped (`numpy.memmap`, copy-on-write,
+so nothing is read until a tensor is loaded and the file is never written) and each
+`TensorSource.load()` returns a view of the map, or a float32 tensor decoded from it.
 
 Layout facts (checked against llama.cpp's `convert_hf_to_gguf.py` and tested here):
   - names: `token_embd.weight`, `blk.N.attn_q.weight`, ... (the `GGUF_TO_META` table below); a file
@@ -35,10 +35,11 @@ from torch import Tensor
 
 from llama2.checkpoint import keymaps
 from llama2.checkpoint.formats import CheckpointFormat, DetectedCheckpoint
-from llama2.checkpoint.load import CheckpointContents, TensorSource
+from llama2.checkpoint.source import CheckpointContents, TensorSource
 from llama2.config import ModelArgs, RopeScaling
 from llama2.errors import CheckpointError, ConfigError
-from llama2.gguf_vocab import GGUFFormatError, GGUFHeader, GGUFTensorInfo, read_gguf_header
+from llama2.gguf_header import GGUFFormatError, GGUFHeader, GGUFTensorInfo, read_gguf_header
+from llama2.limits import check_float, check_int
 from llama2.quant.gguf_blocks import BLOCK_SIZES, dequantize_gguf
 
 ARCH = "llama"
@@ -125,10 +126,13 @@ def args_from_header(header: GGUFHeader) -> ModelArgs:
     `attention.head_count`, `attention.head_count_kv`, `attention.layer_norm_rms_epsilon`,
     `rope.freq_base`, `rope.dimension_count`, `rope.scaling.type`/`.factor` (or the older
     `rope.scale_linear`) and the vocabulary size (the token list's length, else `llama.vocab_size`,
-    else the rows of `token_embd.weight`).
+    else the rows of `token_embd.weight`). Each value's GGUF type is checked (an integer where a
+    count belongs, a number where a float belongs, a string for the scaling type) and bounded
+    (`llama2.limits.BOUNDS`) before it is used.
 
     Raises:
-        CheckpointError: a required key is missing, or the shape is one this model cannot run.
+        CheckpointError: a required key is missing or of the wrong type, or the shape is one this
+            model cannot run.
     """
     f = header.fields
     path = header.path
@@ -141,17 +145,29 @@ def args_from_header(header: GGUFHeader) -> ModelArgs:
             )
         return value
 
-    dim = int(get("embedding_length", required=True))
-    n_heads = int(get("attention.head_count", required=True))
-    n_kv = int(get("attention.head_count_kv", n_heads))
-    n_layers = int(get("block_count", required=True))
-    hidden = int(get("feed_forward_length", required=True))
+    def integer(key: str, bound: str, default: Any = None) -> int:
+        return check_int(
+            get(key, default, required=default is None), bound, f"{path}: GGUF {ARCH}.{key}", CheckpointError
+        )
+
+    def number(key: str, bound: str, default: float) -> float:
+        name = f"{path}: GGUF {ARCH}.{key}"
+        raw = check_float(get(key, default), bound, name, CheckpointError)
+        return check_float(_f32_value(raw), bound, name, CheckpointError)  # as float32 rounds it
+
+    dim = integer("embedding_length", "dim")
+    n_heads = integer("attention.head_count", "n_heads")
+    n_kv = integer("attention.head_count_kv", "n_kv_heads", n_heads)
+    n_layers = integer("block_count", "n_layers")
+    hidden = integer("feed_forward_length", "hidden_dim")
     tokens = f.get("tokenizer.ggml.tokens")
     emb = next((t for t in header.tensors if t.name == "token_embd.weight"), None)
     if tokens is not None:
-        vocab = len(tokens)
+        if not isinstance(tokens, list):
+            raise CheckpointError(f"{path}: GGUF tokenizer.ggml.tokens must be an array of strings")
+        vocab = check_int(len(tokens), "vocab_size", f"{path}: GGUF vocabulary size", CheckpointError)
     elif get("vocab_size") is not None:
-        vocab = int(get("vocab_size"))
+        vocab = integer("vocab_size", "vocab_size")
     elif emb is not None:
         vocab = emb.shape[0]
     else:
@@ -161,23 +177,29 @@ def args_from_header(header: GGUFHeader) -> ModelArgs:
             f"{path}: token_embd.weight has {emb.shape[0]} rows but the vocabulary has {vocab} tokens"
         )
     scaling: RopeScaling | None = None
-    scaling_type = str(get("rope.scaling.type", "none"))
-    factor = get("rope.scaling.factor")
-    legacy = get("rope.scale_linear")
-    if scaling_type == "none" and legacy is not None:
-        scaling_type, factor = "linear", legacy
+    scaling_type = get("rope.scaling.type", "none")
+    if not isinstance(scaling_type, str):
+        raise CheckpointError(
+            f"{path}: GGUF {ARCH}.rope.scaling.type must be a string, got {scaling_type!r:.40}"
+        )
+    factor_key = "rope.scaling.factor"
+    if scaling_type == "none" and get("rope.scale_linear") is not None:
+        scaling_type, factor_key = "linear", "rope.scale_linear"
     if scaling_type == "linear":
-        if factor is None:
+        if get(factor_key) is None:
             raise CheckpointError(
                 f"{path}: GGUF rope scaling is 'linear' but '{ARCH}.rope.scaling.factor' is missing"
             )
-        if _f32_value(factor) != 1.0:
-            scaling = RopeScaling("linear", _f32_value(factor))
+        factor = number(factor_key, "rope_scaling_factor", 1.0)
+        if factor != 1.0:
+            scaling = RopeScaling("linear", factor)
     elif scaling_type != "none":
         raise CheckpointError(
             f"{path}: GGUF rope scaling type {scaling_type!r} is not supported; expected 'none' or 'linear'"
         )
-    max_seq_len = int(get("context_length", required=True))
+    max_seq_len = integer("context_length", "max_seq_len")
+    norm_eps = number("attention.layer_norm_rms_epsilon", "norm_eps", 1e-5)
+    rope_theta = number("rope.freq_base", "rope_theta", 10000.0)
     try:
         args = ModelArgs(
             dim=dim,
@@ -186,8 +208,8 @@ def args_from_header(header: GGUFHeader) -> ModelArgs:
             n_kv_heads=None if n_kv == n_heads else n_kv,
             vocab_size=vocab,
             hidden_dim=hidden,
-            norm_eps=_f32_value(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=_f32_value(get("rope.freq_base", 10000.0)),
+            norm_eps=norm_eps,
+            rope_theta=rope_theta,
             rope_scaling=scaling,
             max_seq_len=max_seq_len,
         )
@@ -195,8 +217,8 @@ def args_from_header(header: GGUFHeader) -> ModelArgs:
         raise CheckpointError(f"{path}: {e}") from None
     if args.replace(hidden_dim=None).ffn_hidden_dim == hidden:  # Meta's rule gives it: keep it implicit
         args = args.replace(hidden_dim=None)
-    rot = get("rope.dimension_count", args.head_dim)
-    if int(rot) != args.head_dim:
+    rot = integer("rope.dimension_count", "dim", args.head_dim)
+    if rot != args.head_dim:
         raise CheckpointError(
             f"{path}: GGUF rope.dimension_count is {rot}; expected the head dimension {args.head_dim} "
             "(partial rotary embeddings are not supported)"
@@ -276,16 +298,7 @@ def read_gguf(found: DetectedCheckpoint) -> CheckpointContents:
                 f"{path}: unexpected GGUF tensor {info.name!r}; a llama.cpp Llama 2 model has "
                 "token_embd, blk.N.attn_*/ffn_*, output_norm and output tensors only"
             )
-        try:
-            nbytes = tensor_nbytes(info.shape, info.ggml_type)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: tensor {info.name!r}: {e}") from None
-        if info.offset + nbytes > header.file_size:
-            raise CheckpointError(
-                f"{path}: truncated GGUF file: tensor {info.name!r} needs bytes "
-                f"{info.offset}..{info.offset + nbytes} but the file has {header.file_size} bytes"
-            )
-        load, dtype, qtype = _loader(data, info, nbytes, path)
+        load, dtype, qtype = _loader(data, info, info.nbytes, path)  # nbytes checked by the header parser
         sources.append(TensorSource(name, path, info.shape, dtype, load, qtype))
     if not any(s.name == "output.weight" for s in sources):
         emb = next((s for s in sources if s.name == "tok_embeddings.weight"), None)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,3 +178,46 @@ def test_parse_dtype() -> None:
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype(None) is None
     with pytest.raises(ConfigError, match="unknown dtype"):
         parse_dtype("int3")
+
+
+def test_build_allocates_meta_kv_cache(llama: Llama) -> None:
+    cache = llama.model.cache
+    assert cache is not None and (cache.max_batch_size, cache.max_seq_len) == (4, 48)
+
+
+def test_model_prefill_then_step_equals_full_forward(llama: Llama) -> None:
+    """Meta's decoding through `llama.model(tokens, start_pos)` after a completion: the cache is read
+    and written, so it equals a cache-free full forward (float32, batch 2)."""
+    llama.text_completion(["Hello world"], temperature=0.0, max_gen_len=4)
+    toks = torch.randint(3, 32000, (2, 20), generator=torch.Generator().manual_seed(0))
+    plain = copy.deepcopy(llama.model)
+    plain.clear_caches()
+    with torch.no_grad():
+        ref = plain(toks)  # (2, 20, V)
+    steps = [llama.model(toks[:, :7], 0)] + [llama.model(toks[:, t : t + 1], t) for t in range(7, 20)]
+    assert (torch.cat(steps, dim=1) - ref).abs().max().item() < 1e-4
+
+
+def test_training_after_text_and_chat_completion(ckpt: Path) -> None:
+    """Generation never poisons training: after completions, a train-mode backward gives the
+    gradients of the same weights loaded afresh."""
+    used = Llama.build(ckpt, max_seq_len=32, max_batch_size=2, progress=False)
+    used.text_completion(["Hello world"], max_gen_len=3, seed=1)
+    used.chat_completion([[{"role": "user", "content": "Hi"}]], temperature=0.0, max_gen_len=3)
+    logits = used.model(torch.tensor([[1, 15043, 3186]]), 0)  # eval mode, no context manager
+    logits[:, :, 0] = 0.0  # ordinary tensors (Meta's code edits logits in place)
+    fresh = Llama.build(ckpt, max_seq_len=32, max_batch_size=2, progress=False)
+    toks = torch.randint(3, 32000, (3, 12), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in (used.model, fresh.model):
+        model.train()
+        out = model(toks[:, :-1])  # (3, 11, V)
+        torch.nn.functional.cross_entropy(out.flatten(0, 1), toks[:, 1:].flatten()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert g is not None
+        torch.testing.assert_close(g, grads[1][name], msg=name)
+    used.model.eval()
+    assert used.text_completion(["Hello world"], temperature=0.0, max_gen_len=3) == fresh.text_completion(
+        ["Hello world"], temperature=0.0, max_gen_len=3
+    )

@@ -82,6 +82,10 @@ class Llama:
 
     Attributes:
         model: the `Transformer`; callable as `model(tokens, start_pos)` -> float logits (B, T, V).
+            As in Meta's reference it holds a KV cache of `max_batch_size` x `max_seq_len` positions
+            that each call reads and writes (without gradients), so `model(tokens[:, :n], 0)` then
+            `model(tokens[:, t : t + 1], t)` for t = n, n + 1, ... decodes as one full forward would.
+            In train mode with grad enabled the call is a plain causal training forward instead.
         tokenizer: the `Tokenizer`.
         max_seq_len: context window used for generation (prompt + generated tokens).
         max_batch_size: prompts generated together; longer lists run in several batches.
@@ -106,6 +110,9 @@ class Llama:
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len if max_seq_len is not None else model.args.max_seq_len
         self.max_batch_size = max_batch_size
+        cache = model.cache  # Meta's KV cache (see the `model` attribute)
+        if cache is None or cache.max_batch_size < max_batch_size or cache.max_seq_len < self.max_seq_len:
+            model.setup_caches(max_batch_size, self.max_seq_len)
         self.generator = Generator(model, tokenizer, max_seq_len=self.max_seq_len)
 
     # ------------------------------------------------------------------------------ construction
@@ -128,7 +135,8 @@ class Llama:
             tokenizer_path: a `tokenizer.model` (or GGUF file); default: the one found with the
                 checkpoint (e.g. `ckpt_dir/tokenizer.model`).
             max_seq_len: context window for generation; None keeps the checkpoint's.
-            max_batch_size: prompts generated together.
+            max_batch_size: prompts generated together; with `max_seq_len`, the size of the KV
+                cache allocated now (as Meta's `build`).
             device: e.g. "cpu", "cuda"; default CPU.
             dtype: weight dtype ("bfloat16", "float16", "float32" or a torch dtype); default: the
                 checkpoint's (see `load_model`).

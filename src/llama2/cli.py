@@ -118,22 +118,14 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str, default_temp
 
 
 def _load(args: argparse.Namespace) -> Llama:
-    import torch
 
     from llama2.api import Llama
     from llama2.assets import resolve_model
-    from llama2.runtime import configure_threads
+    from llama2.runtime import configure_threads, resolve_device
 
     configure_threads(args.threads)
     if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ConfigError(
-                f"unknown --device {args.device!r}; expected e.g. cpu, cuda, cuda:0, mps"
-            ) from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device} requested but CUDA is not available; use --device cpu")
+        resolve_device(args.device)  # one-line ConfigError for a device this build or machine lacks
     path = resolve_model(args.model)
     if not args.quiet:
         print(f"{PROG}: loading {path}", file=sys.stderr)

@@ -194,6 +194,74 @@ def export_hf(
 
 
 # ==================================================================================== Meta
+def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """The SwiGLU width Meta's `FeedForward` computes from `params.json` (llama/model.py)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _meta_ffn_fields(args: ModelArgs) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) with which Meta's rule gives exactly `args.ffn_hidden_dim`.
+
+    The model's own fields when they do (every Meta shape); otherwise the first match of a small
+    search: multipliers None, the width ratio rounded to 1..6 decimals, the exact ratio and the
+    ratio half a unit up (with multiple_of 1 the last always matches), each with multiple_of
+    `args.multiple_of`, then powers of two from 4096 down to 1, then the width itself.
+
+    Raises:
+        ConfigError: no pair within the bounds checkpoint readers accept (multiple_of <= 65536,
+            0 < ffn_dim_multiplier <= 16) reproduces the width.
+    """
+    target = args.ffn_hidden_dim
+    base = int(2 * (4 * args.dim) / 3)  # Meta's width before the multiplier and the rounding
+    ratio = target / base
+    multipliers: list[float | None] = [args.ffn_dim_multiplier, None]
+    multipliers += [round(ratio, k) for k in range(1, 7)] + [ratio, (target + 0.5) / base]
+    steps = [args.multiple_of, *(2**k for k in range(12, -1, -1)), target]
+    for mult in multipliers:
+        if mult is not None and not 0.0 < mult <= 16.0:
+            continue
+        for step in steps:
+            if step <= 65536 and target % step == 0 and meta_ffn_hidden_dim(args.dim, step, mult) == target:
+                return step, mult
+    raise ConfigError(
+        f"cannot write FFN width {target} (dim {args.dim}) as Meta's multiple_of/ffn_dim_multiplier; "
+        "expected a width Meta's rule can produce"
+    )
+
+
+def meta_params(args: ModelArgs) -> dict[str, Any]:
+    """The `params.json` Meta's code loads: only fields of its `ModelArgs` (llama/model.py: dim,
+    n_layers, n_heads, n_kv_heads, vocab_size, multiple_of, ffn_dim_multiplier, norm_eps; Code
+    Llama's adds rope_theta, written only when not 10000). Never max_seq_len / max_batch_size (Meta's
+    `Llama.build` passes them itself: `ModelArgs(max_seq_len=..., max_batch_size=..., **params)`)
+    nor hidden_dim: an explicit width is written as the multiple_of/ffn_dim_multiplier giving it.
+
+    Raises:
+        ConfigError: rope scaling (Meta's ModelArgs has no field for it), or an FFN width Meta's
+            rule cannot express.
+    """
+    if args.rope_scaling is not None:
+        raise ConfigError(
+            f"Meta's params.json cannot express rope scaling ({args.rope_scaling.type}, factor "
+            f"{args.rope_scaling.factor}); expected no rope_scaling, or export with export_hf/save_checkpoint"
+        )
+    multiple_of, multiplier = _meta_ffn_fields(args)
+    params: dict[str, Any] = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads}
+    if args.n_kv_heads is not None:
+        params["n_kv_heads"] = args.n_kv_heads
+    params["vocab_size"] = args.vocab_size
+    params["multiple_of"] = multiple_of
+    if multiplier is not None:
+        params["ffn_dim_multiplier"] = multiplier
+    params["norm_eps"] = args.norm_eps
+    if args.rope_theta != 10000.0:
+        params["rope_theta"] = args.rope_theta
+    return params
+
+
 def export_meta(
     model_or_state_dict: nn.Module | Mapping[str, Tensor],
     args: ModelArgs,
@@ -204,10 +272,15 @@ def export_meta(
     """Export Meta's layout: `params.json` + `consolidated.NN.pth`, split into `n_shards`
     model-parallel shards on Meta's dimensions (norms replicated in every shard).
 
+    `params.json` holds only what Meta's `ModelArgs` accepts (see `meta_params`), so Meta's own
+    `Llama.build` loads the folder; the context length is not stored (Meta passes it at build time,
+    our loader then uses its default unless given `max_seq_len`).
+
     Raises:
         ConfigError: a split dimension (heads, KV heads, FFN width, vocabulary, dim) is not divisible
-            by `n_shards`.
+            by `n_shards`, rope scaling, or an FFN width Meta's rule cannot express.
     """
+    params = meta_params(args)  # refuse before writing anything
     if n_shards < 1:
         raise ConfigError(f"n_shards must be >= 1, got {n_shards}")
     for what, value in (
@@ -231,7 +304,7 @@ def export_meta(
     for i, shard in enumerate(shards):
         atomic_write(out / f"consolidated.{i:02d}.pth", functools.partial(_torch_save, shard))
     _copy_tokenizer(tokenizer_path, out)
-    _write_json(out / "params.json", args.to_params_json())
+    _write_json(out / "params.json", params)
     return out
 
 
@@ -306,4 +379,11 @@ def export_llama2c(
     return out
 
 
-__all__ = ["export_hf", "export_llama2c", "export_meta", "save_checkpoint"]
+__all__ = [
+    "export_hf",
+    "export_llama2c",
+    "export_meta",
+    "meta_ffn_hidden_dim",
+    "meta_params",
+    "save_checkpoint",
+]

@@ -229,7 +229,9 @@ class Generator:
         """Wrap a model and tokenizer.
 
         Args:
-            model: the decoder; its KV cache is (re)allocated by `generate` when too small.
+            model: the decoder; its KV cache is used when large enough, else `generate` allocates
+                a scratch cache in it (`setup_caches(strict=False)`, kept for reuse). Nothing the
+                generation creates is an inference tensor, so the model trains right afterwards.
             tokenizer: supplies `eos_id` and decoding.
             max_seq_len: context window in tokens (default: the model's `args.max_seq_len`).
             detokenizer_factory: builds the streaming detokenizer for a sequence (default:
@@ -327,7 +329,7 @@ class Generator:
         if cache is None or cache.max_batch_size < batch or cache.max_seq_len < length:
             if self.decode_step is not None:  # a fixed size, so the compiled graph is reused
                 length = max(length, min(self.max_seq_len, -(-length // CACHE_ROUND) * CACHE_ROUND))
-            self.model.setup_caches(batch, length)
+            self.model.setup_caches(batch, length, strict=False)  # scratch: never in training's way
 
     def _validate(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, top_logprobs: int

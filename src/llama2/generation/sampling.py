@@ -5,17 +5,23 @@ Order of operations per decoding step (the order transformers applies its proces
 
 1. logit processors on the raw logits: repetition penalty (CTRL / HF: over tokens of prompt and
    output), presence and frequency penalties (OpenAI: over generated tokens), `logit_bias`;
-2. greedy rows (temperature 0) take the argmax here;
-3. temperature, then top-k and min-p masks (removed tokens get probability 0);
-4. Meta's `sample_top_p`: sort descending, cumulative sum, drop tokens whose preceding mass already
-   exceeds p, renormalise, draw with `torch.multinomial`.
+2. `finite_logits`: NaN logits are never chosen; if some logits are +inf, only those remain,
+   equally likely (softmax's limit); a generating row with nothing left raises `GenerationError`;
+3. greedy rows (`is_greedy(temperature)`: below `GREEDY_TEMPERATURE`, 0 included) take the argmax;
+4. temperature (`scale_logits`, overflow-safe), then top-k and min-p masks (removed tokens get
+   probability 0);
+5. Meta's `sample_top_p`: sort descending, cumulative sum, drop tokens whose preceding mass already
+   exceeds p, renormalise, draw with `torch.multinomial`. Probabilities that are not finite never
+   reach `torch.multinomial` (`top_p_probs` raises `GenerationError`).
 
-With only temperature and top-p set, step 4 consumes random numbers exactly as Meta's reference
+With only temperature and top-p set, step 5 consumes random numbers exactly as Meta's reference
 does, so a seeded `torch.Generator` reproduces Meta's samples.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -25,14 +31,44 @@ from torch import Tensor
 from llama2.errors import GenerationError
 
 NEG_INF = float("-inf")
+POS_INF = float("inf")
+
+# Temperatures below this decode greedily (vLLM's threshold): logits / T would overflow float32 for
+# tiny T (1e-40), and the distribution is already the argmax's to float precision.
+GREEDY_TEMPERATURE = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    """The one greedy rule (Generator, `make_sampler`, `Sampler`, the server): a temperature below
+    `GREEDY_TEMPERATURE` (0 included) picks the argmax."""
+    return temperature < GREEDY_TEMPERATURE
+
+
+def _number(name: str, value: object) -> float:
+    """`value` as a float; GenerationError unless it is a real number (bools are not) and not NaN."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise GenerationError(f"{name} must be a number, got {value!r}")
+    out = float(value)
+    if math.isnan(out):
+        raise GenerationError(f"{name} must be a number, got NaN")
+    return out
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise GenerationError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token of one sequence.
 
+    Every field is validated here (GenerationError), so invalid settings never reach the sampler.
+
     Attributes:
-        temperature: softmax temperature; 0 means greedy (argmax).
+        temperature: finite softmax temperature >= 0; below `GREEDY_TEMPERATURE` (1e-5; 0 included)
+            decoding is greedy (argmax), see `is_greedy`.
         top_p: nucleus mass in (0, 1]; 1 disables it. Meta's semantics (see `sample_top_p`).
         top_k: keep the k most likely tokens (ties at the k-th value are kept); 0 disables it.
         min_p: drop tokens whose probability is below `min_p` times the top probability; 0 disables it.
@@ -42,7 +78,8 @@ class SamplingParams:
         frequency_penalty: OpenAI's: subtracted per occurrence of a token among generated tokens.
         seed: seeds a per-sequence `torch.Generator`, so samples do not depend on the rest of the
             batch; None uses torch's global generator.
-        logit_bias: token id -> value added to its logit (e.g. -inf, or -100, to ban a token).
+        logit_bias: token id (>= 0) -> value added to its logit: finite, or -inf to ban a token
+            (e.g. -100 also bans it in practice); NaN and +inf are rejected.
     """
 
     temperature: float = 1.0
@@ -56,27 +93,81 @@ class SamplingParams:
     logit_bias: Mapping[int, float] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        temperature = _number("temperature", self.temperature)
+        if not 0.0 <= temperature < POS_INF:
+            raise GenerationError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+        if not 0.0 < _number("top_p", self.top_p) <= 1.0:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if _integer("top_k", self.top_k) < 0:
             raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0.0 <= self.min_p <= 1.0:
+        if not 0.0 <= _number("min_p", self.min_p) <= 1.0:
             raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0.0:
-            raise GenerationError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0.0 < _number("repetition_penalty", self.repetition_penalty) < POS_INF:
+            raise GenerationError(
+                f"repetition_penalty must be finite and > 0 (1 = off), got {self.repetition_penalty}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
+            value = _number(name, getattr(self, name))
             if not -2.0 <= value <= 2.0:
                 raise GenerationError(f"{name} must be in [-2, 2] (OpenAI's range), got {value}")
+        if self.seed is not None and not -(2**63) <= _integer("seed", self.seed) < 2**64:
+            raise GenerationError(f"seed must be in [-2**63, 2**64), got {self.seed}")
+        for tok, bias in (self.logit_bias or {}).items():
+            if _integer("logit_bias token id", tok) < 0:
+                raise GenerationError(f"logit_bias token id must be >= 0, got {tok}")
+            if _number(f"logit_bias[{tok}]", bias) == POS_INF:
+                raise GenerationError(f"logit_bias[{tok}] must be finite or -inf, got +inf")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """True when decoding is greedy (`is_greedy(temperature)`)."""
+        return is_greedy(self.temperature)
 
 
 # ------------------------------------------------------------------------------ pure functions
+def finite_logits(logits: Tensor) -> Tensor:
+    """Float32 logits (B, V) safe to sample from: NaN -> -inf (never chosen); in a row with +inf
+    logits only those tokens remain, equally likely (the limit of softmax), as 0 and the rest -inf."""
+    x = logits.float()
+    x = x.masked_fill(torch.isnan(x), NEG_INF)
+    top = x == POS_INF  # (B, V)
+    limit = torch.zeros_like(x).masked_fill(top.logical_not(), NEG_INF)  # (B, V)
+    return torch.where(top.any(dim=-1, keepdim=True), limit, x)
+
+
+def require_candidates(logits: Tensor, rows: Tensor | None = None) -> None:
+    """Raise GenerationError if a row (among `rows`, (B,) bool; default all) has no token left.
+
+    Args:
+        logits: (B, V) from `finite_logits` (NaN already -inf).
+        rows: the rows that must yield a token (e.g. generating rows); None: every row.
+    """
+    dead = (logits == NEG_INF).all(dim=-1)  # (B,)
+    if rows is not None:
+        dead = dead & rows
+    if bool(dead.any()):
+        i = int(dead.nonzero()[0, 0])
+        raise GenerationError(
+            f"row {i}: no token can be chosen (every logit is -inf or NaN: all tokens banned by "
+            "logit_bias, or the model produced NaN); expected at least one finite logit"
+        )
+
+
+def scale_logits(logits: Tensor, temperature: Tensor | float) -> Tensor:
+    """`logits / temperature` (B, V), without overflow: a row where the quotient would overflow to
+    +inf is shifted by its max first (softmax is shift-invariant). Other rows are exactly
+    `logits / temperature`, so seeded draws reproduce Meta's.
+
+    Args:
+        logits: (B, V) from `finite_logits` (no NaN, no +inf).
+        temperature: scalar or (B, 1), each >= `GREEDY_TEMPERATURE` (greedy rows may pass 1).
+    """
+    y = logits / temperature  # (B, V)
+    overflow = (y == POS_INF).any(dim=-1, keepdim=True)  # (B, 1)
+    shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V), <= 0
+    return torch.where(overflow, shifted, y)
+
+
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor | float) -> Tensor:
     """CTRL / transformers repetition penalty.
 
@@ -147,7 +238,18 @@ def top_p_probs(probs: Tensor, p: Tensor | float) -> tuple[Tensor, Tensor]:
     Returns:
         (probs_sort, probs_idx): (B, V) renormalised probabilities in descending order and the
         vocabulary index of each column.
+
+    Raises:
+        GenerationError: a row is not a distribution (NaN/inf/negative entries, or all zero), which
+            `torch.multinomial` would reject with a raw error.
     """
+    ok = torch.isfinite(probs).all(dim=-1) & (probs >= 0).all(dim=-1) & (probs.sum(dim=-1) > 0)  # (B,)
+    if not bool(ok.all()):
+        i = int(ok.logical_not().nonzero()[0, 0])
+        raise GenerationError(
+            f"row {i}: probabilities are not a distribution (NaN, inf, negative or all zero); expected "
+            "finite non-negative values with a positive sum (logits through finite_logits/scale_logits)"
+        )
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # (B, V) each
     probs_sum = torch.cumsum(probs_sort, dim=-1)  # (B, V)
     mask = probs_sum - probs_sort > p  # mass before this token already exceeds p
@@ -194,18 +296,29 @@ def make_sampler(
     min_p: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Callable[[Tensor], Tensor]:
-    """A function `logits (B, V) -> token ids (B,)` for fixed settings (mlx-lm's `make_sampler`)."""
+    """A function `logits (B, V) -> token ids (B,)` for fixed settings (mlx-lm's `make_sampler`).
+
+    The same steps and rules as `Sampler.sample` (greedy below `GREEDY_TEMPERATURE`, NaN/inf logits
+    handled by `finite_logits`, overflow-safe temperature, top-p 1 masks nothing).
+
+    Raises:
+        GenerationError: invalid settings (as `SamplingParams`); at call time, a row with no
+            finite logit.
+    """
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    p = params.top_p if params.top_p < 1.0 else POS_INF  # 1: nothing masked, not even round-off
 
     def sampler(logits: Tensor) -> Tensor:
+        x = finite_logits(logits)  # (B, V)
+        require_candidates(x)
         if params.greedy:
-            return logits.argmax(dim=-1)
-        x = logits.float() / params.temperature
+            return x.argmax(dim=-1)
+        x = scale_logits(x, params.temperature)
         if params.top_k:
             x = top_k_mask(x, params.top_k)
         if params.min_p:
             x = min_p_mask(x, params.min_p)
-        return sample_top_p(torch.softmax(x, dim=-1), params.top_p, generator).squeeze(-1)
+        return sample_top_p(torch.softmax(x, dim=-1), p, generator).squeeze(-1)
 
     return sampler
 
@@ -304,12 +417,20 @@ class Sampler:
         `active` marks the rows that really generate at this step (others, e.g. rows still inside
         their prompt, get a placeholder). A row with its own seeded generator draws a random number
         only when it is active and not greedy, so its samples do not depend on the batch.
+
+        Raises:
+            GenerationError: an active row has no token left (all logits -inf or NaN after
+                penalties and `logit_bias`).
         """
-        x = self.process(logits)
+        x = finite_logits(self.process(logits))  # (B, V)
+        rows = None if active is None else torch.tensor(list(active), dtype=torch.bool, device=x.device)
+        require_candidates(x, rows)
+        if rows is not None:  # an idle row with nothing left gets a placeholder distribution
+            x = x.masked_fill(rows.logical_not()[:, None] & (x == NEG_INF).all(-1, keepdim=True), 0.0)
         greedy = x.argmax(dim=-1)  # (B,)
         if self.all_greedy:
             return greedy
-        x = x / self.temperature
+        x = scale_logits(x, self.temperature)
         if self.use_top_k:
             x = top_k_mask(x, self.top_k)
         if self.use_min_p:

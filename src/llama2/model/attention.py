@@ -52,8 +52,9 @@ class Attention(nn.Module):
         kv_len: int,
         start_pos: int | None,
         slots: Tensor | None,
+        use_cache: bool = True,
     ) -> Tensor:
-        """Attend over the cache (or, without one, causally over x).
+        """Attend over the cache (or, without one or with `use_cache` False, causally over x).
 
         Args:
             x: (B, T, dim).
@@ -64,6 +65,7 @@ class Attention(nn.Module):
             kv_len: cache positions attended to.
             start_pos: the common first position, or None (per-row positions).
             slots: (B,) cache rows, or None.
+            use_cache: False ignores the cache (a training forward: nothing read, nothing written).
         """
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)  # (B, T, H, D)
@@ -71,8 +73,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         q = apply_rotary(q, freqs)
         k = apply_rotary(k, freqs)
-        if self.cache is not None:
-            keys, values = self.cache.update(k, v, positions, kv_len, start_pos, slots)  # (B, Hkv, L, D)
+        cache = self.cache if use_cache else None
+        if cache is not None:
+            keys, values = cache.update(k, v, positions, kv_len, start_pos, slots)  # (B, Hkv, L, D)
             if keys.dtype != q.dtype:  # attend in the wider dtype (a float32 cache: float32 SDPA)
                 wide = torch.promote_types(q.dtype, keys.dtype)
                 q, keys, values = q.to(wide), keys.to(wide), values.to(wide)

@@ -30,8 +30,13 @@ class KVCache(nn.Module):
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
         self.k_cache: Tensor
         self.v_cache: Tensor
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Ordinary tensors even when allocated under inference mode (e.g. by a generation loop): an
+        # inference tensor could not be written later outside inference mode (a plain no_grad forward).
+        with torch.inference_mode(False):
+            k = torch.zeros(shape, dtype=dtype, device=device)
+            v = torch.zeros(shape, dtype=dtype, device=device)
+        self.register_buffer("k_cache", k, persistent=False)
+        self.register_buffer("v_cache", v, persistent=False)
 
     @property
     def max_batch_size(self) -> int:

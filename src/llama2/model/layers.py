@@ -32,7 +32,9 @@ class RotaryEmbedding(nn.Module):
     forward (so a model built on the `meta` device and loaded with `assign=True` needs nothing
     re-materialised), and kept in float32 as a plain attribute: it is not a buffer, so neither the
     state dict nor `model.to(torch.bfloat16)` touch it. It grows when a longer position is asked
-    for. Dynamic NTK scaling depends on the sequence length, so it is computed per forward.
+    for. It is built outside inference mode, so a table first built during generation serves later
+    training forwards. Dynamic NTK scaling depends on the sequence length, so it is computed per
+    forward.
     """
 
     def __init__(
@@ -74,7 +76,10 @@ class RotaryEmbedding(nn.Module):
         t = self._table
         if t is None or t.device != device or t.shape[0] < length:
             n = max(length, self.max_position, t.shape[0] if t is not None and t.device == device else 0)
-            t = self._angles(torch.arange(n, device=device), None)
+            # An ordinary constant even when first built inside a generation (inference mode): an
+            # inference tensor cannot be saved for backward by a later training forward.
+            with torch.inference_mode(False), torch.no_grad():
+                t = self._angles(torch.arange(n, device=device), None)
             self._table = t
         return t
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import cast
 
 import torch
@@ -34,8 +35,11 @@ class TransformerBlock(nn.Module):
         kv_len: int,
         start_pos: int | None,
         slots: Tensor | None,
+        use_cache: bool = True,
     ) -> Tensor:
-        attn = self.attention(self.attention_norm(x), freqs, positions, mask, kv_len, start_pos, slots)
+        attn = self.attention(
+            self.attention_norm(x), freqs, positions, mask, kv_len, start_pos, slots, use_cache
+        )
         h: Tensor = x + attn
         out: Tensor = h + self.feed_forward(self.ffn_norm(h))
         return out
@@ -53,7 +57,9 @@ class Transformer(nn.Module):
 
     Without caches (`setup_caches` not called) the forward is a plain causal pass over `tokens`,
     as used in training; with caches, keys/values are written at the given positions and attention
-    reads every cached position up to each query's own.
+    reads every cached position up to each query's own (Meta's semantics), except in a training
+    forward (train mode with grad enabled), which ignores the caches: generating with a model never
+    changes how it trains (see `hidden_states`).
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -67,6 +73,7 @@ class Transformer(nn.Module):
         # dtype of the activations; None: the embeddings' dtype. `llama2.quant.accelerate` sets
         # float32 on CPUs, where bf16/fp16 elementwise ops are emulated and slower than float32.
         self.compute_dtype: torch.dtype | None = None
+        self.strict_cache = True  # see setup_caches
 
     @property
     def blocks(self) -> list[TransformerBlock]:
@@ -80,11 +87,22 @@ class Transformer(nn.Module):
         max_seq_len: int,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        *,
+        strict: bool = True,
     ) -> None:
         """Allocate a KV cache of `max_batch_size` x `max_seq_len` positions in every layer.
 
-        `dtype` defaults to `default_cache_dtype`: float32 on CPU, else the output head's dtype.
+        Args:
+            max_batch_size: cache rows.
+            max_seq_len: cache positions.
+            dtype: default `default_cache_dtype`: float32 on CPU, else the output head's dtype.
+            device: default the embeddings' device.
+            strict: True (Meta's fixed cache): every forward outside training uses the cache, and
+                one that does not fit raises. False (a generator's scratch cache, kept for reuse): a
+                forward from position 0 that does not fit runs as the plain causal pass instead, so
+                e.g. an evaluation after a generation works for any batch and length.
         """
+        self.strict_cache = strict
         param = self.output.weight
         device = device or self.tok_embeddings.weight.device
         dtype = dtype or default_cache_dtype(param.dtype if param.is_floating_point() else None, device)
@@ -96,6 +114,7 @@ class Transformer(nn.Module):
     def clear_caches(self) -> None:
         for layer in self.blocks:
             layer.attention.cache = None
+        self.strict_cache = True
 
     @property
     def cache(self) -> KVCache | None:
@@ -113,6 +132,16 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Final normalised hidden states (B, T, dim) — the input of the output head (and of reward heads).
 
+        With caches set up, the pass depends on autograd (see `uses_cache`):
+          - grad enabled and train mode: a training forward, the plain causal pass; the cache is
+            neither read nor written (start_pos must be 0);
+          - otherwise Meta's cached forward: keys/values are written at their positions and
+            attention reads the cache. With grad enabled (eval mode) it runs under `torch.no_grad()`
+            (Meta's runs under inference mode), returning ordinary tensors callers may modify;
+          - with a scratch cache (`setup_caches(strict=False)`, as `Generator` allocates), a forward
+            from position 0 (no slots, no kv_len) whose batch or length does not fit the cache has
+            nothing to read from it: the plain causal pass, the cache untouched.
+
         Args:
             tokens: (B, T) int64.
             start_pos: see the class docstring.
@@ -121,10 +150,60 @@ class Transformer(nn.Module):
                 position). Default: up to the furthest position, which for a tensor `start_pos` reads
                 it back to the host. Pass the cache length for fixed shapes (`torch.compile`); the
                 caller then guarantees every position is below it.
+
+        Raises:
+            GenerationError: a training forward at start_pos != 0 while a cache is set up (it would
+                silently ignore the cached past), per-row positions without a cache, positions past
+                the cache.
         """
+        use_cache = self.uses_cache(tokens, start_pos, slots, kv_len=kv_len)
+        with _no_grad_if(use_cache):
+            return self._hidden_states(tokens, start_pos, slots, kv_len, use_cache=use_cache)
+
+    def uses_cache(
+        self,
+        tokens: Tensor,
+        start_pos: int | Tensor = 0,
+        slots: Tensor | None = None,
+        *,
+        kv_len: int | None = None,
+    ) -> bool:
+        """Whether `model(tokens, start_pos, slots)` reads and writes the KV cache in the current
+        autograd mode (see `hidden_states`).
+
+        Raises:
+            GenerationError: a training forward (grad enabled, train mode) with a cache set up and a
+                start position other than 0, or slots: it cannot use the cache and would ignore the past.
+        """
+        cache = self.cache
+        if cache is None:
+            return False
+        fresh = not isinstance(start_pos, Tensor) and int(start_pos) == 0 and slots is None
+        if torch.is_grad_enabled() and self.training:
+            if not fresh:
+                raise GenerationError(
+                    "a training forward (train mode, grad enabled) runs without the KV cache, so it "
+                    f"must start at position 0 without slots, got start_pos {start_pos!r}; for cached "
+                    "decoding call model.eval() or run under torch.no_grad()/torch.inference_mode()"
+                )
+            return False
+        if self.strict_cache or not fresh or kv_len is not None:
+            return True
+        bsz, seqlen = tokens.shape
+        return bsz <= cache.max_batch_size and seqlen <= cache.max_seq_len
+
+    def _hidden_states(
+        self,
+        tokens: Tensor,
+        start_pos: int | Tensor,
+        slots: Tensor | None,
+        kv_len: int | None,
+        *,
+        use_cache: bool,
+    ) -> Tensor:
         bsz, seqlen = tokens.shape
         device = tokens.device
-        cache = self.cache
+        cache = self.cache if use_cache else None
         positions: Tensor | None = None  # (B, T), only for per-row start positions
         common_start: int | None = None
         if isinstance(start_pos, Tensor):
@@ -173,7 +252,7 @@ class Transformer(nn.Module):
         else:
             freqs = self.rope(common_start or 0, seqlen, device)  # (1, T, 1, D/2, 2)
         for layer in self.layers:
-            h = layer(h, freqs, positions, mask, needed, common_start, slots)
+            h = layer(h, freqs, positions, mask, needed, common_start, slots, use_cache)
         normed: Tensor = self.norm(h)  # (B, T, dim)
         return normed
 
@@ -185,5 +264,17 @@ class Transformer(nn.Module):
         *,
         kv_len: int | None = None,
     ) -> Tensor:
-        logits: Tensor = self.output(self.hidden_states(tokens, start_pos, slots, kv_len=kv_len))
+        use_cache = self.uses_cache(tokens, start_pos, slots, kv_len=kv_len)
+        with _no_grad_if(use_cache):
+            h = self._hidden_states(tokens, start_pos, slots, kv_len, use_cache=use_cache)  # (B, T, dim)
+            logits: Tensor = self.output(h)
         return logits.float()  # (B, T, vocab)
+
+
+def _no_grad_if(use_cache: bool) -> contextlib.AbstractContextManager[object]:
+    """`torch.no_grad()` for a cached forward with grad mode on: a cache write is never
+    differentiated (it would chain every decoding step into one graph), as Meta's forward runs under
+    inference mode; a no-op otherwise (already inside no_grad/inference mode, or a training forward)."""
+    if use_cache and torch.is_grad_enabled():
+        return torch.no_grad()
+    return contextlib.nullcontext()

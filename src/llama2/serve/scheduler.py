@@ -47,8 +47,11 @@ from llama2.generation.sampling import (
     SamplingParams,
     apply_presence_frequency_penalty,
     apply_repetition_penalty,
+    finite_logits,
+    is_greedy,
     min_p_mask,
     sample_top_p,
+    scale_logits,
     top_k_mask,
 )
 from llama2.tokenizer import StreamingDetokenizer, Tokenizer
@@ -58,9 +61,6 @@ if TYPE_CHECKING:
     from llama2.serve.metrics import ServeMetrics
 
 log = logging.getLogger("llama2.serve")
-
-MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (as vLLM does)
-
 
 class EngineOverloadedError(Llama2Error):
     """The waiting queue is full; the client should retry later (HTTP 429)."""
@@ -644,13 +644,14 @@ class Engine:
             )
         if any(p.logit_bias for p in params):
             x = x + self._ensure_state("bias")[slots]
+        x = finite_logits(x)  # (B, V) float32: NaN never chosen, +inf rows reduced to their +inf tokens
         chosen = x.argmax(dim=-1)  # (B,)
-        # Temperatures below MIN_TEMPERATURE would overflow logits / T: they decode greedily.
-        sampled_rows = [i for i, p in enumerate(params) if p.temperature >= MIN_TEMPERATURE]
+        # One greedy rule for every caller (sampling.is_greedy).
+        sampled_rows = [i for i, p in enumerate(params) if not is_greedy(p.temperature)]
         if sampled_rows:
             rows = torch.tensor(sampled_rows, dtype=torch.long, device=self.device)
             sub = [params[i] for i in sampled_rows]
-            y = x[rows] / column([p.temperature for p in sub])  # (b, V)
+            y = scale_logits(x[rows], column([p.temperature for p in sub]))  # (b, V)
             if any(p.top_k > 0 for p in sub):
                 y = top_k_mask(y, torch.tensor([p.top_k for p in sub], dtype=torch.long, device=self.device))
             if any(p.min_p > 0 for p in sub):

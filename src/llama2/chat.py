@@ -141,22 +141,61 @@ def encode_dialog_with_info(
     pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns) - 1, 2)]
     last = turns[-1][1]
     plain = [tokenizer.encode(_pair_text(u, a), bos=True, eos=True) for u, a in pairs]  # without system
-    needed = 0
-    for drop in range(len(pairs) + 1):
-        if drop < len(pairs):
-            user, answer = pairs[drop]
-            first = tokenizer.encode(_pair_text(_with_system(system, user), answer), bos=True, eos=True)
-            tail = tokenizer.encode(_prompt_text(last), bos=True, eos=False)
-            tokens = first + [t for ids in plain[drop + 1 :] for t in ids] + tail
-        else:
-            tokens = tokenizer.encode(_prompt_text(_with_system(system, last)), bos=True, eos=False)
-        if max_tokens is None or len(tokens) <= max_tokens:
+    if system is None:
+        # Without a system prompt the kept pairs are exactly `plain[drop:]`: one pass from the front
+        # with a running total (each pair is tokenized once; the whole search is linear).
+        tail = tokenizer.encode(_prompt_text(last), bos=True, eos=False)
+        total = sum(len(ids) for ids in plain) + len(tail)
+        drop = 0
+        while max_tokens is not None and total > max_tokens and drop < len(pairs):
+            total -= len(plain[drop])
+            drop += 1
+        if max_tokens is None or total <= max_tokens:
+            tokens = [t for ids in plain[drop:] for t in ids] + tail
             return EncodedDialog(tokens=tokens, dropped_turns=2 * drop)
-        needed = len(tokens)
+        raise _no_fit_error(max_tokens, total, system, len(pairs))
+    return _fit_with_system(system, pairs, plain, last, tokenizer, max_tokens)
+
+
+def _fit_with_system(
+    system: str,
+    pairs: list[tuple[str, str]],
+    plain: list[list[int]],
+    last: str,
+    tokenizer: Tokenizer,
+    max_tokens: int | None,
+) -> EncodedDialog:
+    """Drops the oldest pairs until the prompt fits; the system prompt is merged into the first kept turn.
+
+    The first kept pair must be re-tokenized with the system prompt, so a candidate costs one encode of
+    the system prompt plus that pair. Two exact bounds keep that linear in the dialog: the system prompt
+    with the last user turn alone (the shortest candidate) is tokenized first, and if it does not fit
+    nothing does; and a candidate whose later pairs alone (each has at least BOS and EOS) exceed the
+    budget is skipped without tokenizing it.
+    """
+    only_system = tokenizer.encode(_prompt_text(_with_system(system, last)), bos=True, eos=False)
+    if max_tokens is not None and len(only_system) > max_tokens:
+        raise _no_fit_error(max_tokens, len(only_system), system, len(pairs))
+    tail: list[int] | None = None
+    suffix = sum(len(ids) for ids in plain)  # tokens of plain[drop:], updated as drop grows
+    for drop, (user, answer) in enumerate(pairs):
+        suffix -= len(plain[drop])  # now the tokens of plain[drop + 1 :]
+        if tail is None:
+            tail = tokenizer.encode(_prompt_text(last), bos=True, eos=False)
+        if max_tokens is not None and suffix + len(tail) + 1 > max_tokens:
+            continue  # the first pair has at least BOS: cannot fit
+        first = tokenizer.encode(_pair_text(_with_system(system, user), answer), bos=True, eos=True)
+        if max_tokens is None or len(first) + suffix + len(tail) <= max_tokens:
+            tokens = first + [t for ids in plain[drop + 1 :] for t in ids] + tail
+            return EncodedDialog(tokens=tokens, dropped_turns=2 * drop)
+    return EncodedDialog(tokens=only_system, dropped_turns=2 * len(pairs))
+
+
+def _no_fit_error(max_tokens: int, needed: int, system: str | None, n_pairs: int) -> DialogError:
     what = "the system prompt and the last user turn" if system is not None else "the last user turn"
-    raise DialogError(
+    return DialogError(
         f"dialog does not fit in max_tokens={max_tokens}: {what} alone need {needed} tokens "
-        f"(after dropping all {len(pairs)} earlier user/assistant pairs)"
+        f"(after dropping all {n_pairs} earlier user/assistant pairs)"
     )
 
 

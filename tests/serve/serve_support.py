@@ -179,6 +179,9 @@ def main() -> None:
         "--fault-marker", default=None, help="sequences whose prompt contains it fail at token 3"
     )
     parser.add_argument("--step-delay", type=float, default=0.0, help="sleep per engine step (slow model)")
+    parser.add_argument("--read-timeout", type=float, default=30.0)
+    parser.add_argument("--drain-timeout", type=float, default=20.0)
+    parser.add_argument("--allowed-hosts", default=None, help="comma-separated (default: loopback names)")
     ns = parser.parse_args()
 
     marker = ns.fault_marker
@@ -213,7 +216,9 @@ def main() -> None:
         max_body_bytes=ns.max_body_bytes,
         api_keys=tuple(ns.api_key),
         chat_special_tags=ns.chat_special_tags,
-        drain_timeout_s=20.0,
+        drain_timeout_s=ns.drain_timeout,
+        read_timeout_s=ns.read_timeout,
+        allowed_hosts=None if ns.allowed_hosts is None else tuple(ns.allowed_hosts.split(",")),
         log_level="warning",
     )
     server_mod.run_server(config, model=tiny_model(ns.vocab), tokenizer=tokenizer_for(ns.vocab))

@@ -1,14 +1,25 @@
 """Run the OpenAI-compatible server with uvicorn: `run_server(ServeConfig(model_path=...))`.
 
-Binds to 127.0.0.1 unless told otherwise. On SIGTERM/SIGINT uvicorn stops accepting connections,
-lets in-flight requests (streams included) finish for up to `drain_timeout_s`, then the app's
-shutdown drains and stops the engine thread, and the process exits.
+Binds to 127.0.0.1 unless told otherwise. On SIGTERM/SIGINT uvicorn stops accepting connections and
+lets in-flight requests (streams included) finish for up to `drain_timeout_s`; requests still running
+then are cut (a stream ends with an error event and `data: [DONE]`, a waiting request gets 503), the
+app's shutdown stops the engine thread, and the process exits with status 0.
+
+What one connection can hold is bounded: the request head (16 KiB, `HEADER_LIMIT_BYTES`) must
+arrive within `read_timeout_s` of connecting (or of the first byte of a later keep-alive request),
+the body (`max_body_bytes`) within `read_timeout_s` of the head, and an idle keep-alive connection
+is closed after 5 s (uvicorn's `timeout_keep_alive`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import ipaddress
 import logging
+import math
+import os
 import signal
 import socket
 import sys
@@ -22,8 +33,9 @@ import torch
 
 from llama2.errors import ConfigError
 from llama2.quant.schemes import SPEC_HELP as QUANTIZE_HELP
-from llama2.serve.app import AppSettings, create_app
+from llama2.serve.app import AppSettings, begin_drain, create_app
 from llama2.serve.metrics import ServeMetrics
+from llama2.serve.middleware import LOOPBACK_HOSTS
 from llama2.serve.scheduler import Engine, EngineConfig
 from llama2.tokenizer import Tokenizer
 
@@ -35,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("llama2.serve")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+API_KEY_ENV = "LLAMA2_API_KEY"
+_CUT_MARGIN_S = 3.0  # uvicorn cancels what is left this long after the app cut its requests
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,8 @@ class ServeConfig:
         port: TCP port; 0 picks a free one (the chosen port is printed).
         api_keys: accepted bearer keys (none: no authentication).
         api_key_file: a file with one key per line (`#` comments and blank lines skipped).
+        allowed_hosts: `Host` header names served, any port (`*`: any). None: the loopback names
+            (localhost, 127.0.0.1, [::1]) when `host` is a loopback address, else any.
         max_slots: sequences decoded together (KV-cache rows).
         max_seq_len: context window (default: the checkpoint's).
         max_queue: sequences that may wait for a slot before requests get 429.
@@ -58,7 +74,9 @@ class ServeConfig:
         max_prompt_tokens: prompts above this get 400 (default: the context window).
         max_sequences_per_request: cap on `n` times the number of prompts.
         chat_special_tags: "reject" (400) or "sanitize" special chat tags inside messages.
-        drain_timeout_s: how long SIGTERM waits for in-flight requests.
+        drain_timeout_s: how long SIGTERM waits for in-flight requests before cutting them.
+        read_timeout_s: deadline for a request's head (from connecting) and for its body (from the
+            head); 408 after it.
         device: torch device of the model.
         dtype: weight dtype name (float32, bfloat16, float16); None keeps the checkpoint's.
         quantize: quantization scheme applied while loading ("nf4", "int4,groupsize=64", ...), or None.
@@ -73,6 +91,7 @@ class ServeConfig:
     port: int = 8000
     api_keys: tuple[str, ...] = ()
     api_key_file: Path | None = None
+    allowed_hosts: tuple[str, ...] | None = None
     max_slots: int = 8
     max_seq_len: int | None = None
     max_queue: int = 64
@@ -83,6 +102,7 @@ class ServeConfig:
     max_sequences_per_request: int = 16
     chat_special_tags: Literal["reject", "sanitize"] = "reject"
     drain_timeout_s: float = 30.0
+    read_timeout_s: float = 30.0
     device: str = "cpu"
     dtype: str | None = None
     quantize: str | None = None
@@ -179,17 +199,42 @@ def build_app(
         max_sequences_per_request=config.max_sequences_per_request,
         chat_special_tags=config.chat_special_tags,
         drain_timeout_s=config.drain_timeout_s,
+        read_timeout_s=config.read_timeout_s,
+        allowed_hosts=config.allowed_hosts or (),
     )
     return create_app(engine, tokenizer, settings, metrics), engine
 
 
+def default_allowed_hosts(host: str) -> tuple[str, ...]:
+    """The `Host` names served when none are given: the loopback names for a loopback bind, else any."""
+    name = host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        loopback = name.lower() == "localhost"
+    return LOOPBACK_HOSTS if loopback else ("*",)
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0: the OS picks a free port)."""
+    """A listening TCP socket (port 0: the OS picks a free port).
+
+    Raises:
+        ConfigError: the address cannot be bound (port in use, no permission, unknown host).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    # proto must say TCP: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP (accepted
+    # sockets inherit it); with Nagle on, every reply on a kept-alive connection waited ~40 ms for the
+    # client's delayed ACK, and so did every SSE event after the first.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        reason = e.strerror or str(e)
+        raise ConfigError(f"cannot bind {shown}:{port}: {reason}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -205,25 +250,51 @@ def run_server(
         config: server settings (see `ServeConfig`).
         model: optional prebuilt model (else `config.model_path` is loaded).
         tokenizer: optional prebuilt tokenizer.
+
+    Raises:
+        ConfigError: the address cannot be bound (checked before the model is loaded), or a bad setting.
     """
     import uvicorn
 
-    app, _ = build_app(config, model=model, tokenizer=tokenizer)
+    from llama2.serve.connection import HEADER_LIMIT_BYTES, header_timeout_protocol
+
+    if config.allowed_hosts is None:
+        config = dataclasses.replace(config, allowed_hosts=default_allowed_hosts(config.host))
     keys = config.all_api_keys()
+    sock = bind_socket(config.host, config.port)
+    try:
+        app, _ = build_app(config, model=model, tokenizer=tokenizer)
+    except BaseException:
+        sock.close()
+        raise
     if config.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         log.warning(
             "serving on %s without API keys: anyone who can reach this port can use the model", config.host
         )
-    sock = bind_socket(config.host, config.port)
     port = sock.getsockname()[1]
     uv_config = uvicorn.Config(
         app,
+        http=header_timeout_protocol(config.read_timeout_s),
+        h11_max_incomplete_event_size=HEADER_LIMIT_BYTES,
         log_level=config.log_level,
-        timeout_graceful_shutdown=int(max(1, config.drain_timeout_s)),
+        timeout_graceful_shutdown=math.ceil(max(1.0, config.drain_timeout_s + _CUT_MARGIN_S)),
         access_log=False,
         lifespan="on",
     )
-    server = uvicorn.Server(uv_config)
+
+    class DrainingServer(uvicorn.Server):
+        """Tells the app when shutdown starts, so it can cut its requests cleanly at the deadline."""
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            begin_drain(app)
+            await super().shutdown(sockets=sockets)
+
+    server = DrainingServer(uv_config)
+    # The model, tokenizer and libraries are a few hundred thousand long-lived objects; every full
+    # garbage collection would walk them all while holding the GIL (over a second on a busy machine,
+    # triggered by the allocations of one large request), stalling the event loop. Freeze them.
+    gc.collect()
+    gc.freeze()
     host = f"[{config.host}]" if ":" in config.host else config.host
     print(f"llama2 serve: listening on http://{host}:{port}", flush=True)
     # uvicorn re-raises a captured SIGTERM once it has drained, which would kill the process with
@@ -258,8 +329,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default=None, help="id shown in /v1/models (default: folder name)")
     parser.add_argument("--host", default=d.host, help="interface to bind (default 127.0.0.1: local only)")
     parser.add_argument("--port", type=int, default=d.port, help="TCP port (0: any free port)")
-    parser.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable)")
-    parser.add_argument("--api-key-file", type=Path, default=None, help="file with one API key per line")
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help=f"file with one accepted bearer key per line; or set the environment variable {API_KEY_ENV} "
+        "(keys separated by commas). Both may be combined",
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help=f"accepted bearer key (repeatable); visible to every user in the process list, prefer "
+        f"--api-key-file or {API_KEY_ENV}",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated Host header names served, any port ('*': any). Default: localhost,"
+        "127.0.0.1,[::1] when --host is a loopback address (a browser page cannot reach the server "
+        "through another name: DNS rebinding), else any. Other hosts get 421",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=d.read_timeout_s,
+        help="seconds a client has to send the request line and headers (from connecting) and then "
+        "the body; 408 after them",
+    )
     parser.add_argument("--max-slots", type=int, default=d.max_slots, help="sequences decoded together")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context window (default: the model's)")
     parser.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting sequences before 429")
@@ -275,7 +373,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to do with [INST]/<<SYS>> tags inside chat messages",
     )
     parser.add_argument(
-        "--drain-timeout", type=float, default=d.drain_timeout_s, help="seconds SIGTERM waits"
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout_s,
+        help="seconds SIGTERM lets in-flight requests run; then streams end with an error event and [DONE]",
     )
     parser.add_argument("--device", default=d.device, help="torch device")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weight dtype")
@@ -288,14 +389,30 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
     """The `ServeConfig` of parsed `add_arguments` options."""
     from llama2.assets import resolve_model
 
+    if ns.api_key:
+        print(
+            "llama2 serve: warning: --api-key puts the key in the process list, where every local user "
+            f"can read it; use --api-key-file or the environment variable {API_KEY_ENV}",
+            file=sys.stderr,
+        )
+    env_keys = [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    hosts = None
+    if ns.allowed_hosts is not None:
+        hosts = tuple(h.strip() for h in ns.allowed_hosts.split(",") if h.strip())
+        if not hosts:
+            raise ConfigError("--allowed-hosts is empty; expected names like 'localhost,example.org' or '*'")
+    if ns.read_timeout <= 0 or not math.isfinite(ns.read_timeout):
+        raise ConfigError(f"--read-timeout must be a positive number of seconds, got {ns.read_timeout}")
     return ServeConfig(
         model_path=resolve_model(ns.model),
         tokenizer_path=ns.tokenizer,
         model_name=ns.model_name,
         host=ns.host,
         port=ns.port,
-        api_keys=tuple(ns.api_key),
+        api_keys=(*ns.api_key, *env_keys),
         api_key_file=ns.api_key_file,
+        allowed_hosts=hosts,
+        read_timeout_s=ns.read_timeout,
         max_slots=ns.max_slots,
         max_seq_len=ns.max_seq_len,
         max_queue=ns.max_queue,

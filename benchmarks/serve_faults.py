@@ -8,8 +8,17 @@
    bytes, deep nesting, a 10 MB body, ...), schemathesis cases generated from the server's own
    OpenAPI schema (valid and invalid), and random JSON bodies from hypothesis. No answer may be a 5xx,
    every 4xx must have OpenAI's error shape, and the server must still answer afterwards.
+3. truncate, slow-clients, drain, auth-host (issue 9; serve_faults_cli.py, each against its own
+   `python -m llama2 serve` on loopback): /health latency while worst-case `"truncate": true` requests
+   run; 1,000 slow loopback connections (bounded count and time); streams cut by `--drain-timeout`;
+   a wrong Host header, invalid JSON / a 5 MB body without a key, /docs and /openapi.json without a key.
 
     python benchmarks/serve_faults.py [--model CKPT] [--clients 50] [--schema-examples 30] [--json]
+    python benchmarks/serve_faults.py --src /tmp/llama2-before/src --parts truncate,drain,auth-host
+    python benchmarks/serve_faults.py --src src --json-out /tmp/fuzz-after/serve_faults.json
+
+`--src PATH` sets PYTHONPATH for the servers (e.g. a `git worktree` of an older commit). `--parts`
+picks parts (default: all). The CLI-server parts use `--cli-model` (default: the embedded chat model).
 
 Exits with status 1 when a check fails.
 """
@@ -19,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
 import sys
@@ -30,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_load import parser as load_parser
 from serve_load import resolve, start_server
+
+PARTS = ("disconnects", "bad-input", "truncate", "slow-clients", "drain", "auth-host")
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -354,57 +366,110 @@ def main() -> int:
     )
     p.add_argument("--random-examples", type=int, default=150, help="hypothesis random-JSON bodies")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--src", type=Path, default=None, help="tree the servers import (PYTHONPATH)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    p.add_argument("--cli-model", default="chat", help="model of the CLI-server parts (default: chat)")
+    p.add_argument("--slow-clients", type=int, default=1000, help="slow loopback connections (max 2000)")
+    p.add_argument("--slow-seconds", type=float, default=15.0, help="how long they trickle (max 60)")
+    p.add_argument("--drain-timeout", type=float, default=1.0, help="--drain-timeout of the drain part")
+    p.add_argument("--drain-streams", type=int, default=8, help="streams in flight at SIGTERM")
+    p.add_argument("--json-out", type=Path, default=None, help="also write the JSON report to this file")
     p.set_defaults(random_dim=128, random_layers=2, max_slots=64)
     ns = resolve(p.parse_args())
+    parts = [x.strip() for x in ns.parts.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}; expected some of {', '.join(PARTS)}")
+    src = ns.src.resolve() if ns.src is not None else None
+    if src is not None:  # the serve_load child and the CLI servers import this tree
+        os.environ["PYTHONPATH"] = str(src)
+    report: dict[str, Any] = {"src": str(src), "parts": parts}
+    checks: dict[str, bool] = {}
+    if "disconnects" in parts or "bad-input" in parts:
+        report.update(_in_process_parts(ns, parts, checks))
+    import serve_faults_cli as cli
+
+    with contextlib.redirect_stdout(sys.stderr):
+        if "truncate" in parts:
+            report["truncate"] = cli.truncate_part(src, ns.cli_model)
+        if "slow-clients" in parts:
+            n, secs = ns.slow_clients, ns.slow_seconds
+            report["slow_clients"] = cli.slow_clients_part(src, ns.cli_model, n, secs)
+        if "drain" in parts:
+            report["drain"] = cli.drain_part(src, ns.cli_model, ns.drain_streams, ns.drain_timeout)
+        if "auth-host" in parts:
+            report["auth_host"] = cli.auth_host_part(src, ns.cli_model)
+    for key in ("truncate", "slow_clients", "drain", "auth_host"):
+        if key in report:
+            checks.update({f"{key}: {k}": v for k, v in report[key]["checks"].items()})
+    report["checks"] = checks
+    if ns.json_out is not None:
+        ns.json_out.parent.mkdir(parents=True, exist_ok=True)
+        ns.json_out.write_text(json.dumps(report, indent=2, default=str))
+    if ns.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_report(report, ns)
+    return 0 if all(checks.values()) else 1
+
+
+def _in_process_parts(ns: Any, parts: list[str], checks: dict[str, bool]) -> dict[str, Any]:
+    """The original parts: disconnects and bad input against serve_load's random-model server."""
     server = start_server(ns)
     report: dict[str, Any] = {}
     try:
         with contextlib.redirect_stdout(sys.stderr):  # hypothesis prints notes on stdout; keep it for --json
-            report["disconnects"] = asyncio.run(disconnect_campaign(server.url, ns.clients, ns.seed))
-            report["disconnects"]["server_still_answers"] = still_answers(server.url)
-            hand = asyncio.run(hand_campaign(server.url))
-            report["hand_written"] = {
-                "cases": len(hand),
-                "statuses": {
-                    str(s): sum(1 for h in hand if h["status"] == s)
-                    for s in sorted({h["status"] or 0 for h in hand})
-                },
-                "failures": [
-                    h for h in hand if h["status"] is None or h["status"] >= 500 or not h["shape_ok"]
-                ],
-                "no_400_for": [h["case"] for h in hand if h["status"] is not None and h["status"] < 400],
-            }
-            report["schemathesis"] = schema_campaign(server.url, ns.schema_examples)
-            report["random_json"] = random_json_campaign(server.url, ns.random_examples, ns.seed)
+            if "disconnects" in parts:
+                report["disconnects"] = asyncio.run(disconnect_campaign(server.url, ns.clients, ns.seed))
+                report["disconnects"]["server_still_answers"] = still_answers(server.url)
+            if "bad-input" in parts:
+                hand = asyncio.run(hand_campaign(server.url))
+                report["hand_written"] = {
+                    "cases": len(hand),
+                    "statuses": {
+                        str(s): sum(1 for h in hand if h["status"] == s)
+                        for s in sorted({h["status"] or 0 for h in hand})
+                    },
+                    "failures": [
+                        h for h in hand if h["status"] is None or h["status"] >= 500 or not h["shape_ok"]
+                    ],
+                    "no_400_for": [h["case"] for h in hand if h["status"] is not None and h["status"] < 400],
+                }
+                report["schemathesis"] = schema_campaign(server.url, ns.schema_examples)
+                report["random_json"] = random_json_campaign(server.url, ns.random_examples, ns.seed)
             report["after_campaign"] = {"server_still_answers": still_answers(server.url)}
             idle, _, _ = wait_idle(server.url)
             report["after_campaign"]["idle"] = idle
     finally:
         report["server_exit_code"] = server.stop()
-    d = report["disconnects"]
-    total_bad = (
-        report["hand_written"]["cases"] + report["schemathesis"]["cases"] + report["random_json"]["cases"]
-    )
-    checks = {
-        "disconnects_cancelled": d["disconnected_mid_stream"] == ns.clients
-        and d["cancelled_sequences"] == ns.clients
-        and not d["client_errors"],
-        "disconnects_back_to_idle": d["returned_to_idle"],
-        "alive_after_disconnects": d["server_still_answers"],
-        "no_5xx_or_bad_shape": not (
+    if "disconnects" in parts:
+        d = report["disconnects"]
+        checks["disconnects_cancelled"] = (
+            d["disconnected_mid_stream"] == ns.clients
+            and d["cancelled_sequences"] == ns.clients
+            and not d["client_errors"]
+        )
+        checks["disconnects_back_to_idle"] = d["returned_to_idle"]
+        checks["alive_after_disconnects"] = d["server_still_answers"]
+    if "bad-input" in parts:
+        report["bad_input_cases_total"] = (
+            report["hand_written"]["cases"] + report["schemathesis"]["cases"] + report["random_json"]["cases"]
+        )
+        checks["no_5xx_or_bad_shape"] = not (
             report["hand_written"]["failures"]
             or report["schemathesis"]["failures"]
             or report["random_json"]["failures"]
-        ),
-        "alive_after_bad_input": report["after_campaign"]["server_still_answers"]
-        and report["after_campaign"]["idle"],
-        "server_exit_clean": report["server_exit_code"] == 0,
-    }
-    report["bad_input_cases_total"] = total_bad
-    report["checks"] = checks
-    if ns.json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
+        )
+    checks["alive_after_bad_input"] = (
+        report["after_campaign"]["server_still_answers"] and report["after_campaign"]["idle"]
+    )
+    checks["server_exit_clean"] = report["server_exit_code"] == 0
+    return report
+
+
+def _print_report(report: dict[str, Any], ns: Any) -> None:
+    if "disconnects" in report:
+        d = report["disconnects"]
         print(
             f"disconnects: {d['clients']} clients left after {d['events_before_disconnect_min']}-"
             f"{d['events_before_disconnect_max']} events ({d['disconnected_mid_stream']} mid-stream); "
@@ -412,6 +477,7 @@ def main() -> int:
             f"idle {d['seconds_to_idle_after_last_disconnect']} s after the last disconnect; "
             f"final {d['final_state']}"
         )
+    if "hand_written" in report:
         for key in ("hand_written", "schemathesis", "random_json"):
             r = report[key]
             print(
@@ -421,10 +487,12 @@ def main() -> int:
                 print("               ", f)
         if report["hand_written"]["no_400_for"]:
             print("   accepted (2xx) hand-written cases:", ", ".join(report["hand_written"]["no_400_for"]))
-        print(f"bad-input cases in total: {total_bad}")
-        for name, ok in checks.items():
-            print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    return 0 if all(checks.values()) else 1
+        print(f"bad-input cases in total: {report['bad_input_cases_total']}")
+    import serve_faults_cli as cli
+
+    cli.print_parts(report)
+    for name, ok in report["checks"].items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
 
 
 if __name__ == "__main__":

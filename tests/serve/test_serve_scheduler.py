@@ -10,7 +10,7 @@ import pytest
 from serve_support import tiny_model, tokenizer_for
 
 from llama2.generation import Generator, SamplingParams
-from llama2.generation.generator import TokenEvent
+from llama2.generation.sequence import TokenEvent
 from llama2.serve.scheduler import (
     Engine,
     EngineConfig,

@@ -23,13 +23,16 @@ if TYPE_CHECKING:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def decode_one_token(model: Transformer, tokens: Tensor, positions: Tensor) -> Tensor:
+def decode_one_token(
+    model: Transformer, tokens: Tensor, positions: Tensor, slots: Tensor | None = None
+) -> Tensor:
     """One decode step over the model's whole KV cache.
 
     Args:
         model: a `Transformer` with caches set up (`setup_caches`).
         tokens: (B, 1) int64, the last token of every row.
         positions: (B,) int64, where each row's token goes (every value < the cache length).
+        slots: (B,) int64 cache row of each batch row (the engine's slots); None: row i uses row i.
 
     Returns:
         (B, V) float32 logits of the next token.
@@ -37,7 +40,7 @@ def decode_one_token(model: Transformer, tokens: Tensor, positions: Tensor) -> T
     cache = model.cache
     if cache is None:
         raise GenerationError("decode_one_token needs a KV cache; call setup_caches first")
-    logits: Tensor = model(tokens, positions, kv_len=cache.max_seq_len)  # (B, 1, V)
+    logits: Tensor = model(tokens, positions, slots, kv_len=cache.max_seq_len)  # (B, 1, V)
     return logits[:, -1]
 
 
@@ -69,16 +72,17 @@ class DecodeStep:
             )
         self.model = model
         self.mode = compile
-        self._fn: Callable[[Transformer, Tensor, Tensor], Tensor] = decode_one_token
+        self._fn: Callable[[Transformer, Tensor, Tensor, Tensor | None], Tensor] = decode_one_token
         if compile is not None:
             compiled: Any = torch.compile(decode_one_token, mode=compile, dynamic=False, fullgraph=False)
-            self._fn = cast("Callable[[Transformer, Tensor, Tensor], Tensor]", compiled)
+            self._fn = cast("Callable[[Transformer, Tensor, Tensor, Tensor | None], Tensor]", compiled)
 
-    def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """(B, 1) tokens at (B,) positions -> (B, V) float32 logits (see `decode_one_token`)."""
+    def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor | None = None) -> Tensor:
+        """(B, 1) tokens at (B,) positions (in cache rows `slots`) -> (B, V) float32 logits (see
+        `decode_one_token`)."""
         cache = self.model.cache
         if cache is None:
             raise GenerationError("DecodeStep needs a KV cache; call setup_caches first")
         # Build the rotary table outside the graph (a lazily created attribute).
         self.model.rope.table(cache.max_seq_len, tokens.device)
-        return self._fn(self.model, tokens, positions)
+        return self._fn(self.model, tokens, positions, slots)

@@ -5,51 +5,54 @@ first forward covers the shortest prompt, and each later step feeds one column; 
 its prompt keeps its prompt token instead of the sample. No padding ever enters the model, so every
 row gets the tokens it would get alone.
 
-The loop is split into small pieces (`_forward`, `Sampler.sample`, `_RowState.accept`) so that
-speculative decoding (verify k drafted tokens in one forward at explicit positions) and continuous
-batching (per-row `start_pos` tensors and cache `slots`, which the model already supports) can be
-added beside `stream` without touching the sampling or stop rules.
+Only this lockstep schedule is the Generator's own: sampling (`Sampler` over
+`sampling.process_logits` / `sample_tokens`), seeding (`sampling.seeded_generator`), logprobs
+(`logprobs.token_logprobs`, `gather_logprobs`) and stop / holdback rules (`sequence.SequenceState`)
+are the ones the slot-based `engine.StepEngine` (the server's) runs, so a seeded request gives the
+same tokens through both. The lockstep schedule stays because unseeded sampling draws from torch's
+global generator in Meta's order (one draw over the whole batch per step), which `Llama.generate`
+reproduces after `torch.manual_seed`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from llama2.errors import GenerationError
 from llama2.generation.decode import DecodeStep
+from llama2.generation.logprobs import gather_logprobs, token_logprobs
 from llama2.generation.sampling import Sampler, SamplingParams
+from llama2.generation.sequence import (
+    Detokenizer,
+    FinishReason,
+    GenerationResult,
+    SequenceState,
+    TokenEvent,
+    TokenizerLike,
+)
 
 if TYPE_CHECKING:
     from llama2.model import Transformer
 
-FinishReason = Literal["stop", "length"]
+# The shared types live in `sequence`; they stay importable from here.
+__all__ = [
+    "CACHE_ROUND",
+    "Detokenizer",
+    "FinishReason",
+    "GenerationResult",
+    "Generator",
+    "TokenEvent",
+    "TokenizerLike",
+]
+
 
 # With a compiled decode step the KV cache length is rounded up to a multiple of this, so that
 # generations of similar lengths reuse one cache (and one compiled graph).
 CACHE_ROUND = 256
-
-
-class TokenizerLike(Protocol):
-    """What the generator needs from a tokenizer (`llama2.tokenizer.Tokenizer` provides it)."""
-
-    @property
-    def eos_id(self) -> int: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class Detokenizer(Protocol):
-    """Incremental decoding: `add` returns newly completed text, `flush` the rest."""
-
-    def add(self, token_id: int) -> str: ...
-
-    def flush(self) -> str: ...
 
 
 def _default_detokenizer(tokenizer: TokenizerLike) -> Detokenizer:
@@ -57,154 +60,6 @@ def _default_detokenizer(tokenizer: TokenizerLike) -> Detokenizer:
 
     detok: Detokenizer = StreamingDetokenizer(tokenizer)
     return detok
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One step of one sequence, as yielded by `Generator.stream`.
-
-    Attributes:
-        index: the sequence's row in the request.
-        token_id: the token sampled at this step. When `finish_reason` is "stop" because of EOS or a
-            stop token id, this is that token (it is not part of the result's tokens or text); None
-            when a sequence finishes without a step (no room left in the context window).
-        text: newly completed text (text that might start a stop string is held back until decided).
-        logprob: log-softmax of the raw model logits at the chosen token (None unless requested).
-        top_logprobs: the `top_logprobs` most likely tokens and their logprobs (None unless requested).
-        finish_reason: "stop" (EOS, stop token id or stop string), "length", or None while running.
-    """
-
-    index: int
-    token_id: int | None
-    text: str
-    logprob: float | None = None
-    top_logprobs: dict[int, float] | None = None
-    finish_reason: FinishReason | None = None
-
-
-@dataclass
-class GenerationResult:
-    """The outcome of one prompt.
-
-    Attributes:
-        prompt_tokens: the prompt.
-        tokens: generated tokens, without the EOS / stop token that ended generation (a stop string's
-            last token is kept; only the text is cut).
-        text: generated text, cut before the first stop string. With `echo`, the prompt's text is
-            included in front (decoded together with the generation, as Meta's echo).
-        finish_reason: "stop" or "length".
-        logprobs: per generated token, log-softmax of the raw model distribution (before penalties,
-            temperature and filters) at the chosen token; None unless requested.
-        top_logprobs: per generated token, the most likely alternatives {token id: logprob}.
-        prompt_logprobs: with `echo` and `logprobs`: per prompt token, its logprob given the tokens
-            before it (the first token has none and gets 0.0, as in Meta's reference).
-    """
-
-    prompt_tokens: list[int]
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: FinishReason = "length"
-    logprobs: list[float] | None = None
-    top_logprobs: list[dict[int, float]] | None = None
-    prompt_logprobs: list[float] | None = None
-
-
-class _RowState:
-    """Stop rules, detokenization and accumulated output of one sequence."""
-
-    def __init__(
-        self,
-        index: int,
-        prompt: list[int],
-        limit: int,
-        detok: Detokenizer,
-        stop: Sequence[str],
-        stop_ids: frozenset[int],
-        want_logprobs: bool,
-        want_top: bool,
-        echo: bool,
-    ) -> None:
-        self.index = index
-        self.limit = limit
-        self.detok = detok
-        self.stop = [s for s in stop if s]
-        self.max_stop = max((len(s) for s in self.stop), default=0)
-        self.stop_ids = stop_ids
-        self.result = GenerationResult(
-            prompt_tokens=prompt,
-            logprobs=[] if want_logprobs else None,
-            top_logprobs=[] if want_top else None,
-        )
-        self.text = ""  # everything decoded so far (with echo: the prompt text first)
-        self.gen_start = 0  # where generated text starts in self.text (stop strings only search there)
-        if echo:
-            self.text = "".join(detok.add(t) for t in prompt)
-            self.gen_start = len(self.text)
-        self.emitted = self.gen_start
-        self.done = False
-
-    def finish_without_step(self) -> TokenEvent:
-        self.text += self.detok.flush()
-        self.done = True
-        return self._event(None, None, None, "length")
-
-    def accept(self, token: int, logprob: float | None, top: dict[int, float] | None) -> TokenEvent:
-        """Take the token sampled for this row and return the event to yield."""
-        res = self.result
-        if token in self.stop_ids:
-            self.text += self.detok.flush()
-            self._cut_at_stop(self.gen_start)
-            self.done = True
-            return self._event(token, logprob, top, "stop")
-        res.tokens.append(token)
-        if res.logprobs is not None and logprob is not None:
-            res.logprobs.append(logprob)
-        if res.top_logprobs is not None and top is not None:
-            res.top_logprobs.append(top)
-        before = len(self.text)
-        self.text += self.detok.add(token)
-        reason: FinishReason | None = None
-        if self._cut_at_stop(max(self.gen_start, before - self.max_stop + 1)):
-            reason = "stop"
-        elif len(res.tokens) >= self.limit:
-            before = len(self.text)
-            self.text += self.detok.flush()
-            reason = (
-                "stop" if self._cut_at_stop(max(self.gen_start, before - self.max_stop + 1)) else "length"
-            )
-        self.done = reason is not None
-        return self._event(token, logprob, top, reason)
-
-    def _cut_at_stop(self, search_from: int) -> bool:
-        """Cut `self.text` before the earliest stop string found at or after `search_from`."""
-        hits = [i for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
-        if not hits:
-            return False
-        self.text = self.text[: min(hits)]
-        return True
-
-    def _holdback(self) -> int:
-        """Length of the longest tail of the generated text that could still begin a stop string."""
-        tail = self.text[max(self.gen_start, len(self.text) - self.max_stop + 1) :]
-        for n in range(len(tail), 0, -1):
-            if any(s.startswith(tail[-n:]) for s in self.stop):
-                return n
-        return 0
-
-    def _event(
-        self,
-        token: int | None,
-        logprob: float | None,
-        top: dict[int, float] | None,
-        reason: FinishReason | None,
-    ) -> TokenEvent:
-        end = len(self.text) if reason is not None else len(self.text) - self._holdback()
-        delta = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
-        if reason is not None:
-            self.result.finish_reason = reason
-            self.result.text = self.text
-        return TokenEvent(self.index, token, delta, logprob, top, reason)
 
 
 class Generator:
@@ -268,7 +123,7 @@ class Generator:
         Returns:
             One `GenerationResult` per prompt, in order.
         """
-        rows: list[_RowState] = []
+        rows: list[SequenceState] = []
         for _ in self._run(
             prompts, max_new_tokens, params, stop, stop_token_ids, logprobs, top_logprobs, echo, rows
         ):
@@ -367,7 +222,7 @@ class Generator:
         logprobs: bool,
         top_logprobs: int,
         echo: bool,
-        rows: list[_RowState],
+        rows: list[SequenceState],
     ) -> Iterator[TokenEvent]:
         prompts = self._validate(prompts_in, max_new_tokens, top_logprobs)
         bsz = len(prompts)
@@ -388,7 +243,9 @@ class Generator:
         min_len = min(lens)
         for i, p in enumerate(prompts):
             detok = self.detokenizer_factory(self.tokenizer)
-            rows.append(_RowState(i, p, limits[i], detok, stop, stop_ids, want_lp, top_logprobs > 0, echo))
+            rows.append(
+                SequenceState(i, p, limits[i], detok, stop, stop_ids, want_lp, top_logprobs > 0, echo)
+            )
 
         model = self.model
         device = model.tok_embeddings.weight.device
@@ -407,9 +264,7 @@ class Generator:
             if token_lp is not None and min_len == total_len:
                 # Nothing to generate (every prompt fills the window): one forward for prompt logprobs.
                 logits = self._forward(buf, 0, last_only=False)  # (B, T, V)
-                token_lp[:, 1:] = -F.cross_entropy(
-                    logits[:, :-1].transpose(1, 2), buf[:, 1:], reduction="none"
-                )
+                token_lp[:, 1:] = gather_logprobs(logits[:, :-1], buf[:, 1:])  # (B, T-1)
 
         for r in rows:
             if r.limit == 0:
@@ -436,7 +291,7 @@ class Generator:
         buf: Tensor,
         prev: int,
         cur: int,
-        rows: list[_RowState],
+        rows: list[SequenceState],
         lens: list[int],
         prompt_mask: Tensor,
         sampler: Sampler,
@@ -455,20 +310,12 @@ class Generator:
         if sampler.tracks_history:
             sampler.update(next_tok, torch.tensor(generating, device=buf.device))
         if token_lp is not None:  # Meta's echo: logprob of every token in this chunk
-            token_lp[:, prev + 1 : cur + 1] = -F.cross_entropy(
-                logits.transpose(1, 2), buf[:, prev + 1 : cur + 1], reduction="none"
-            )
+            token_lp[:, prev + 1 : cur + 1] = gather_logprobs(logits, buf[:, prev + 1 : cur + 1])
         ids = next_tok.tolist()
         lps: list[float] | None = None
-        tops: list[dict[int, float]] | None = None
+        tops: list[dict[int, float] | None] | None = None
         if want_lp:
-            lsm = torch.log_softmax(last, dim=-1)  # (B, V)
-            lps = lsm.gather(-1, next_tok[:, None]).squeeze(-1).tolist()
-            if top_logprobs > 0:
-                vals, idx = torch.topk(lsm, top_logprobs, dim=-1)  # (B, k) each
-                tops = [
-                    dict(zip(ix, vs, strict=True)) for ix, vs in zip(idx.tolist(), vals.tolist(), strict=True)
-                ]
+            lps, tops = token_logprobs(last, next_tok, top_logprobs)
         return [
             r.accept(ids[i], lps[i] if lps else None, tops[i] if tops else None)
             for i, r in enumerate(rows)

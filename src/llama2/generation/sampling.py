@@ -14,6 +14,9 @@ Order of operations per decoding step (the order transformers applies its proces
    exceeds p, renormalise, draw with `torch.multinomial`. Probabilities that are not finite never
    reach `torch.multinomial` (`top_p_probs` raises `GenerationError`).
 
+`process_logits` is step 1 and `sample_tokens` steps 3-5: the one chain `Sampler` (the
+generator), `make_sampler` and the server's engine all run.
+
 With only temperature and top-p set, step 5 consumes random numbers exactly as Meta's reference
 does, so a seeded `torch.Generator` reproduces Meta's samples.
 """
@@ -289,6 +292,113 @@ def sample_top_p(
     return torch.gather(probs_idx, -1, choice)
 
 
+def seeded_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """The one seeding rule: a seeded sequence draws from its own `torch.Generator` on the logits'
+    device, seeded with `seed` (so its samples do not depend on the batch); None: no generator of
+    its own (callers draw from torch's global generator, as Meta does)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of choice `choice` of a request asking for several (OpenAI's `n`): distinct,
+    reproducible streams `seed, seed + 1, ...` (mod 2**64); None stays None."""
+    if seed is None or choice == 0:
+        return seed
+    return (seed + choice) % 2**64
+
+
+def process_logits(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    seen: Tensor | None = None,
+    counts: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Step 1 (logit processors) on raw logits (B, V) -> float32 (B, V).
+
+    Args:
+        logits: (B, V) raw model logits.
+        params: one `SamplingParams` per row.
+        seen: (B, V) bool tokens of prompt and output (repetition penalty), or None.
+        counts: (B, V) int counts of generated tokens (presence / frequency penalties), or None.
+        bias: (B, V) float32 `logit_bias` rows, or None.
+    """
+    x = logits.float()
+
+    def column(values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=x.device)[:, None]  # (B, 1)
+
+    if seen is not None and any(p.repetition_penalty != 1.0 for p in params):
+        x = apply_repetition_penalty(x, seen, column([p.repetition_penalty for p in params]))
+    if counts is not None and any(p.presence_penalty or p.frequency_penalty for p in params):
+        x = apply_presence_frequency_penalty(
+            x,
+            counts,
+            column([p.presence_penalty for p in params]),
+            column([p.frequency_penalty for p in params]),
+        )
+    if bias is not None:
+        x = x + bias
+    return x
+
+
+def sample_tokens(
+    x: Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None] | torch.Generator | None,
+    active: Sequence[bool] | None = None,
+) -> Tensor:
+    """Steps 3-5, the one sampling chain: greedy rows take the argmax, the others are drawn.
+
+    Args:
+        x: (B, V) processed logits through `finite_logits`; every row has a token left.
+        params: one `SamplingParams` per row.
+        generators: one per row (`seeded_generator`), or one (or None) for the batch. One
+            generator, None, or every entry None: one draw covers the whole batch (from torch's
+            global generator when None), exactly as Meta's reference; otherwise each active,
+            non-greedy row draws from its own generator (None: the global one).
+        active: rows that really generate (others get a placeholder without drawing); None: all.
+
+    Returns:
+        (B,) int64 token ids.
+    """
+    greedy_rows = [p.greedy for p in params]
+    chosen = x.argmax(dim=-1)  # (B,)
+    if all(greedy_rows):
+        return chosen
+    dev = x.device
+
+    def column(values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=dev)[:, None]  # (B, 1)
+
+    y = scale_logits(x, column([1.0 if p.greedy else p.temperature for p in params]))  # (B, V)
+    if any(p.top_k > 0 for p in params):
+        y = top_k_mask(y, torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev))
+    if any(p.min_p > 0 for p in params):
+        y = min_p_mask(y, column([p.min_p for p in params]))
+    probs = torch.softmax(y, dim=-1)  # (B, V)
+    # top_p 1 -> inf: nothing is masked (not even float round-off in the cumulative sum).
+    top_p = column([p.top_p if p.top_p < 1.0 else POS_INF for p in params])
+    if generators is None or isinstance(generators, torch.Generator):
+        sampled = sample_top_p(probs, top_p, generators).squeeze(-1)  # (B,)
+    elif all(g is None for g in generators):
+        sampled = sample_top_p(probs, top_p).squeeze(-1)  # (B,)
+    else:
+        probs_sort, probs_idx = top_p_probs(probs, top_p)  # (B, V) each
+        draws = []
+        for i, g in enumerate(generators):
+            if (active is None or active[i]) and not greedy_rows[i]:
+                draws.append(torch.multinomial(probs_sort[i : i + 1], num_samples=1, generator=g))
+            else:
+                draws.append(torch.zeros(1, 1, dtype=torch.long, device=dev))
+        sampled = torch.gather(probs_idx, -1, torch.cat(draws)).squeeze(-1)  # (B,)
+    return torch.where(torch.tensor(greedy_rows, device=dev), chosen, sampled)
+
+
 def make_sampler(
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -298,27 +408,18 @@ def make_sampler(
 ) -> Callable[[Tensor], Tensor]:
     """A function `logits (B, V) -> token ids (B,)` for fixed settings (mlx-lm's `make_sampler`).
 
-    The same steps and rules as `Sampler.sample` (greedy below `GREEDY_TEMPERATURE`, NaN/inf logits
-    handled by `finite_logits`, overflow-safe temperature, top-p 1 masks nothing).
+    The same chain as `Sampler.sample` and the engine (`finite_logits`, then `sample_tokens`).
 
     Raises:
         GenerationError: invalid settings (as `SamplingParams`); at call time, a row with no
             finite logit.
     """
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-    p = params.top_p if params.top_p < 1.0 else POS_INF  # 1: nothing masked, not even round-off
 
     def sampler(logits: Tensor) -> Tensor:
         x = finite_logits(logits)  # (B, V)
         require_candidates(x)
-        if params.greedy:
-            return x.argmax(dim=-1)
-        x = scale_logits(x, params.temperature)
-        if params.top_k:
-            x = top_k_mask(x, params.top_k)
-        if params.min_p:
-            x = min_p_mask(x, params.min_p)
-        return sample_top_p(torch.softmax(x, dim=-1), p, generator).squeeze(-1)
+        return sample_tokens(x, [params] * x.shape[0], generator)
 
     return sampler
 
@@ -327,8 +428,8 @@ def make_sampler(
 class Sampler:
     """Applies a `SamplingParams` per row of a batch; holds the penalty state (tokens seen so far).
 
-    Per-row settings become (B, 1) tensors so one step costs a handful of vectorised ops whatever
-    the mix of settings; nothing here loops over the vocabulary in Python.
+    A thin holder of per-row state over `process_logits`, `finite_logits` and `sample_tokens` (the
+    chain the server's engine uses too); nothing here loops over the vocabulary in Python.
     """
 
     def __init__(
@@ -350,37 +451,13 @@ class Sampler:
         bsz = len(self.params)
         self.vocab_size = vocab_size
         self.device = device
-
-        def column(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # (B, 1)
-
-        self.greedy_rows = torch.tensor([p.greedy for p in self.params], device=device)  # (B,)
-        self.all_greedy = bool(self.greedy_rows.all())
-        self.temperature = column([p.temperature if not p.greedy else 1.0 for p in self.params])
-        # top_p 1 -> inf: nothing is masked (not even float round-off in the cumulative sum).
-        self.top_p = column([p.top_p if p.top_p < 1.0 else float("inf") for p in self.params])
-        self.top_k = torch.tensor([p.top_k for p in self.params], dtype=torch.long, device=device)
-        self.use_top_k = any(p.top_k > 0 for p in self.params)
-        self.min_p = column([p.min_p for p in self.params])
-        self.use_min_p = any(p.min_p > 0 for p in self.params)
-        self.generators: list[torch.Generator | None] = []
-        for p in self.params:
-            if p.seed is None:
-                self.generators.append(None)
-            else:
-                g = torch.Generator(device=device)
-                g.manual_seed(p.seed)
-                self.generators.append(g)
-
-        self.repetition = column([p.repetition_penalty for p in self.params])
+        self.generators = [seeded_generator(p.seed, device) for p in self.params]
         self.seen: Tensor | None = None
         if any(p.repetition_penalty != 1.0 for p in self.params):
             self.seen = torch.zeros(bsz, vocab_size, dtype=torch.bool, device=device)  # (B, V)
             for i, ids in enumerate(prompts or []):
                 if ids:
                     self.seen[i, torch.tensor(list(ids), dtype=torch.long, device=device)] = True
-        self.presence = column([p.presence_penalty for p in self.params])
-        self.frequency = column([p.frequency_penalty for p in self.params])
         self.counts: Tensor | None = None
         if any(p.presence_penalty or p.frequency_penalty for p in self.params):
             self.counts = torch.zeros(bsz, vocab_size, dtype=torch.int32, device=device)  # (B, V)
@@ -402,14 +479,7 @@ class Sampler:
 
     def process(self, logits: Tensor) -> Tensor:
         """Penalties and bias on raw logits (B, V) -> processed float32 logits (B, V)."""
-        x = logits.float()
-        if self.seen is not None:
-            x = apply_repetition_penalty(x, self.seen, self.repetition)
-        if self.counts is not None:
-            x = apply_presence_frequency_penalty(x, self.counts, self.presence, self.frequency)
-        if self.bias is not None:
-            x = x + self.bias
-        return x
+        return process_logits(logits, self.params, self.seen, self.counts, self.bias)
 
     def sample(self, logits: Tensor, active: Sequence[bool] | None = None) -> Tensor:
         """Pick the next token of every row from raw logits (B, V) -> (B,) int64.
@@ -427,27 +497,7 @@ class Sampler:
         require_candidates(x, rows)
         if rows is not None:  # an idle row with nothing left gets a placeholder distribution
             x = x.masked_fill(rows.logical_not()[:, None] & (x == NEG_INF).all(-1, keepdim=True), 0.0)
-        greedy = x.argmax(dim=-1)  # (B,)
-        if self.all_greedy:
-            return greedy
-        x = scale_logits(x, self.temperature)
-        if self.use_top_k:
-            x = top_k_mask(x, self.top_k)
-        if self.use_min_p:
-            x = min_p_mask(x, self.min_p)
-        probs = torch.softmax(x, dim=-1)  # (B, V)
-        if all(g is None for g in self.generators):
-            sampled = sample_top_p(probs, self.top_p).squeeze(-1)  # (B,)
-        else:
-            probs_sort, probs_idx = top_p_probs(probs, self.top_p)  # (B, V) each
-            draws = []
-            for i, g in enumerate(self.generators):
-                if (active is None or active[i]) and not self.params[i].greedy:
-                    draws.append(torch.multinomial(probs_sort[i : i + 1], num_samples=1, generator=g))
-                else:
-                    draws.append(torch.zeros(1, 1, dtype=torch.long, device=probs.device))
-            sampled = torch.gather(probs_idx, -1, torch.cat(draws)).squeeze(-1)  # (B,)
-        return torch.where(self.greedy_rows, greedy, sampled)
+        return sample_tokens(x, self.params, self.generators, active)
 
     def update(self, tokens: Tensor, active: Tensor | None = None) -> None:
         """Record the tokens (B,) just generated (rows where `active` is False are skipped)."""

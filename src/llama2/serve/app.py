@@ -29,20 +29,13 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama2.errors import Llama2Error
+from llama2.generation.engine import PromptLogprobs, SequenceDone, SequenceFailed
+from llama2.serve.async_engine import Engine, EngineClosedError, EngineOverloadedError, RequestHandle
 from llama2.serve.http_errors import APIError, error_body, error_response, parse_body, validation_api_error
 from llama2.serve.metrics import ServeMetrics
 from llama2.serve.middleware import ApiKeys, GuardMiddleware, HostAllowList
 from llama2.serve.prepare import AppSettings, Prepared, PrepareWorkers, RequestPreparer
 from llama2.serve.responses import ResponseBuilder, TokenText
-from llama2.serve.scheduler import (
-    Engine,
-    EngineClosedError,
-    EngineOverloadedError,
-    PromptLogprobs,
-    RequestHandle,
-    SequenceDone,
-    SequenceFailed,
-)
 from llama2.serve.schemas import (
     ChatCompletion,
     ChatCompletionRequest,

@@ -7,9 +7,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from llama2.generation.generator import TokenEvent
+from llama2.generation.engine import SequenceDone, SequenceSpec
+from llama2.generation.sequence import InfillDetokenizer, TokenEvent
 from llama2.serve.prepare import Prepared
-from llama2.serve.scheduler import InfillDetokenizer, SequenceDone, SequenceSpec
 from llama2.serve.schemas import (
     AssistantMessage,
     ChatChoice,

@@ -1,0 +1,457 @@
+"""The slot-based step engine: sequences are admitted into KV-cache slots, prompts are prefilled in
+chunks with per-row start positions, running sequences decode in one batched forward, and every
+sampled token goes through one sampling chain (`sampling.process_logits` + `sample_tokens`), one
+logprob computation (`logprobs.token_logprobs`) and one stop / holdback rule (`SequenceState`).
+
+`StepEngine.step` is synchronous and thread-agnostic: the server's background thread
+(`llama2.serve.async_engine.Engine`) calls it in a loop; any other caller (RL rollouts, scripts)
+can call it directly. Scheduling decisions (admission, prefill budget) are the torch-free functions
+of `llama2.scheduling`.
+
+Each step:
+  1. gives free KV-cache slots to waiting sequences (first come, first served);
+  2. runs one decode step for every sequence that has finished its prompt: one forward of (B, 1)
+     tokens with per-row positions (`start_pos` tensor) and cache rows (`slots` tensor);
+  3. prefills waiting prompts in chunks of `prefill_chunk` tokens, at most `prefill_budget` prompt
+     tokens per step, so one long prompt never stalls the running streams for more than a chunk.
+
+Memory is a fixed budget: `max_slots` cache rows of `max_seq_len` positions, allocated once; a
+sequence owns one row from admission until it ends (finished, cancelled or failed).
+
+Batch invariance (a request gives the same tokens alone or under load):
+  - a prompt is always prefilled alone (batch of 1) in chunks at fixed offsets (0, C, 2C, ...), so
+    its first token never depends on the rest of the batch;
+  - decode batches are padded to at least `min_decode_rows` rows (padding rows write into a spare
+    scratch cache row), because CPU BLAS uses different kernels for 1, 2-3 and >= 4 rows: with >= 4
+    rows a row's result does not depend on how many other rows there are. What is left is attention
+    over a longer masked key range (~1e-7 differences), far below the gaps decoding decides on;
+  - each sequence samples from its own generator (`sampling.seeded_generator`, the rule the
+    `Generator` follows too; an unseeded sequence gets a random seed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from llama2.errors import GenerationError
+from llama2.generation.decode import DecodeStep
+from llama2.generation.engine_types import (
+    EngineConfig,
+    EngineItem,
+    EngineMetrics,
+    EngineSequence,
+    Outbox,
+    PromptLogprobs,
+    SequenceDone,
+    SequenceFailed,
+    SequenceSpec,
+)
+from llama2.generation.logprobs import token_logprobs
+from llama2.generation.sampling import NEG_INF, finite_logits, process_logits, sample_tokens
+from llama2.generation.sequence import GenerationResult, TokenEvent
+from llama2.scheduling import admit_count, plan_prefill
+from llama2.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llama2.model import Transformer
+
+__all__ = [
+    "EngineConfig",
+    "EngineItem",
+    "EngineMetrics",
+    "EngineSequence",
+    "Outbox",
+    "PromptLogprobs",
+    "SequenceDone",
+    "SequenceFailed",
+    "SequenceSpec",
+    "StepEngine",
+]
+
+log = logging.getLogger("llama2.engine")
+
+
+class StepEngine:
+    """Continuous batching over a `Transformer` with a preallocated, slot-indexed KV cache.
+
+    Example:
+        >>> engine = StepEngine(model, tokenizer, EngineConfig(max_slots=8))
+        >>> engine.add([engine.new_sequence(None, 0, SequenceSpec(prompt, 32))])
+        >>> while engine.has_work():
+        ...     for owner, item in engine.step():   # TokenEvent ... then SequenceDone
+        ...         ...
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        config: EngineConfig | None = None,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        """Allocate the KV cache (`max_slots` + 1 scratch row) and the per-slot sampling state.
+
+        Raises:
+            GenerationError: the tokenizer's vocabulary is larger than the model's.
+        """
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.metrics = metrics
+        args = model.args
+        if tokenizer.vocab_size > args.vocab_size:
+            raise GenerationError(
+                f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is "
+                f"{args.vocab_size}; expected the tokenizer that belongs to the model"
+            )
+        self.vocab_size = args.vocab_size
+        self.max_seq_len = self.config.max_seq_len or args.max_seq_len
+        self.device = model.tok_embeddings.weight.device
+        n = self.config.max_slots
+        self.scratch_slot = n  # padding rows of decode batches write here
+        model.setup_caches(n + 1, self.max_seq_len, dtype=self.config.cache_dtype)
+        # The compiled decode step (the Generator's too), when asked for: checks the mode.
+        self.decode_step = DecodeStep(model, compile=self.config.compile) if self.config.compile else None
+        self._free_slots: list[int] = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
+        # Per-slot sampling state, allocated on first use: (slots + 1, V) each.
+        self._seen: Tensor | None = None
+        self._counts: Tensor | None = None
+        self._bias: Tensor | None = None
+        self._waiting: deque[EngineSequence] = deque()
+        self._running: list[EngineSequence] = []  # hold a slot: prefilling or decoding
+
+    # ------------------------------------------------------------------ public
+    @property
+    def context_window(self) -> int:
+        return self.max_seq_len
+
+    def check_spec(self, spec: SequenceSpec) -> None:
+        """Raise GenerationError unless `spec` fits the vocabulary and the context window."""
+        n = len(spec.prompt)
+        if n == 0:
+            raise GenerationError("the prompt is empty; expected at least one token")
+        if spec.max_tokens < 0:
+            raise GenerationError(f"max_tokens must be >= 0, got {spec.max_tokens}")
+        if n + spec.max_tokens > self.max_seq_len:
+            raise GenerationError(
+                f"the prompt ({n} tokens) plus max_tokens ({spec.max_tokens}) exceeds the context "
+                f"window of {self.max_seq_len} tokens"
+            )
+        bad = next((t for t in spec.prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise GenerationError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        for tok in spec.params.logit_bias or {}:
+            if not 0 <= int(tok) < self.vocab_size:
+                raise GenerationError(
+                    f"logit_bias token id {tok} is outside the vocabulary [0, {self.vocab_size})"
+                )
+
+    def new_sequence(self, owner: object, index: int, spec: SequenceSpec) -> EngineSequence:
+        """A checked sequence for `add` (GenerationError if the spec does not fit)."""
+        self.check_spec(spec)
+        return EngineSequence(owner, index, spec, self.tokenizer, self.device)
+
+    def add(self, seqs: list[EngineSequence]) -> None:
+        """Queue sequences for a slot (admitted at the next step, in order)."""
+        self._waiting.extend(seqs)
+
+    def drop(self, owners: set[int]) -> int:
+        """Cancel every unfinished sequence whose `id(owner)` is in `owners`; returns how many of
+        them were still waiting for a slot."""
+        kept: deque[EngineSequence] = deque()
+        dropped = 0
+        for seq in self._waiting:
+            if id(seq.owner) in owners:
+                seq.finished = True
+                dropped += 1
+                self._count_finished("cancelled")
+            else:
+                kept.append(seq)
+        self._waiting = kept
+        for seq in list(self._running):
+            if id(seq.owner) in owners:
+                self._release(seq, "cancelled")
+        return dropped
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def step(self) -> Outbox:
+        """Admit, decode, prefill once; returns what the step produced, in order."""
+        out: Outbox = []
+        self._admit(out)
+        decoding = [s for s in self._running if s.prefilled and not s.finished]
+        if decoding:
+            self._decode(decoding, out)
+        prefilling = [s for s in self._running if not s.prefilled and not s.finished]  # first come first
+        plan = plan_prefill(
+            [(s.pos, len(s.spec.prompt)) for s in prefilling],
+            self.config.prefill_chunk,
+            self.config.prefill_budget,
+        )
+        for chunk in plan:
+            seq = prefilling[chunk.seq]
+            if seq.finished:
+                continue
+            try:
+                self._prefill_chunk(seq, chunk.start, chunk.end, out)
+            except Exception as e:
+                log.exception("prefill failed for one sequence")
+                self._fail(seq, f"internal error while reading the prompt: {type(e).__name__}: {e}", out)
+        self._running = [s for s in self._running if not s.finished]
+        return out
+
+    def run(self, specs: Sequence[SequenceSpec]) -> list[GenerationResult]:
+        """Generate every spec to completion, synchronously (scripts, RL rollouts); other work
+        already queued runs alongside and its items are dropped.
+
+        Raises:
+            GenerationError: a spec does not fit, or a sequence failed (the others are cancelled).
+        """
+        owner = object()
+        self.add([self.new_sequence(owner, i, spec) for i, spec in enumerate(specs)])
+        results: dict[int, GenerationResult] = {}
+        with torch.no_grad():
+            while len(results) < len(specs) and self.has_work():
+                for who, item in self.step():
+                    if who is not owner:
+                        continue
+                    if isinstance(item, SequenceDone):
+                        results[item.index] = item.result
+                    elif isinstance(item, SequenceFailed):
+                        self.drop({id(owner)})
+                        raise GenerationError(f"sequence {item.index} failed: {item.message}")
+        return [results[i] for i in range(len(specs))]
+
+    def fail_all(self, message: str) -> Outbox:
+        """Fail every running sequence (a batched forward failed); returns their items."""
+        out: Outbox = []
+        for seq in list(self._running):
+            if not seq.finished:
+                self._fail(seq, message, out)
+        self._running = []
+        return out
+
+    # ------------------------------------------------------------------ model steps
+    def _admit(self, out: Outbox) -> None:
+        for _ in range(admit_count(len(self._waiting), len(self._free_slots))):
+            seq = self._waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            self._on_admitted(seq)
+            self._running.append(seq)
+            self._init_slot_state(seq)
+            if seq.spec.max_tokens == 0 and not seq.want_prompt_lp:
+                self._finish(seq, seq.state.finish_without_step(), out)
+
+    def _on_admitted(self, seq: EngineSequence) -> None:
+        """Hook: a waiting sequence got a slot."""
+
+    def _prefill_chunk(self, seq: EngineSequence, start: int, end: int, out: Outbox) -> None:
+        """Run prompt positions start..end-1 of `seq` alone (batch-invariant)."""
+        prompt = seq.spec.prompt
+        tokens = torch.tensor([prompt[start:end]], dtype=torch.long, device=self.device)  # (1, T)
+        start_pos = torch.tensor([start], dtype=torch.long, device=self.device)  # (1,)
+        slots = torch.tensor([seq.slot], dtype=torch.long, device=self.device)  # (1,)
+        last_chunk = end == len(prompt)
+        last: Tensor | None = None
+        if seq.want_prompt_lp:
+            logits = self.model(tokens, start_pos, slots)[0].float()  # (T, V)
+            self._record_prompt_logprobs(seq, start, end, logits)
+            last = logits[-1:]  # (1, V)
+        elif last_chunk:
+            h = self.model.hidden_states(tokens, start_pos, slots)[:, -1:]  # (1, 1, dim)
+            last = self.model.output(h)[:, 0].float()  # (1, V)
+        else:
+            self.model.hidden_states(tokens, start_pos, slots)  # fills the cache; no head needed
+        seq.pos = end
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(end - start)
+        if last_chunk and seq.want_prompt_lp:
+            out.append((seq.owner, PromptLogprobs(seq.index, seq.prompt_lp, seq.prompt_top)))
+        if last_chunk and last is not None:
+            if seq.spec.max_tokens == 0:  # echo + logprobs with nothing to generate
+                self._finish(seq, seq.state.finish_without_step(), out)
+            else:
+                self._sample_and_emit([seq], last, out)
+
+    def _record_prompt_logprobs(self, seq: EngineSequence, start: int, end: int, logits: Tensor) -> None:
+        """logits (T, V) of positions start..end-1 predict prompt tokens start+1..end."""
+        prompt = seq.spec.prompt
+        stop = min(end + 1, len(prompt))
+        n = stop - (start + 1)  # how many prompt tokens these logits predict
+        if n <= 0:
+            return
+        targets = torch.tensor(prompt[start + 1 : stop], dtype=torch.long, device=logits.device)  # (n,)
+        values, tops = token_logprobs(logits[:n], targets, seq.spec.logprobs or 0)
+        seq.prompt_lp[start + 1 : stop] = values
+        if seq.prompt_top is not None:
+            seq.prompt_top[start + 1 : stop] = tops
+
+    def _decode(self, seqs: list[EngineSequence], out: Outbox) -> None:
+        b = len(seqs)
+        rows = self.config.max_slots if self.decode_step is not None else self.config.min_decode_rows
+        pad = max(0, rows - b)
+        tokens = torch.tensor(
+            [[s.last_token] for s in seqs] + [[0]] * pad, dtype=torch.long, device=self.device
+        )  # (B', 1)
+        start_pos = torch.tensor(
+            [s.pos for s in seqs] + [0] * pad, dtype=torch.long, device=self.device
+        )  # (B',)
+        slots = torch.tensor(
+            [s.slot for s in seqs] + [self.scratch_slot] * pad, dtype=torch.long, device=self.device
+        )  # (B',)
+        if self.decode_step is not None:  # fixed shapes: one compiled graph for every step
+            logits = self.decode_step(tokens, start_pos, slots)[:b]  # (B, V)
+        else:
+            logits = self.model(tokens, start_pos, slots)[:b, 0].float()  # (B, V)
+        for s in seqs:
+            s.pos += 1
+        self._sample_and_emit(seqs, logits, out)
+
+    # ------------------------------------------------------------------ sampling
+    def _state_rows(self, kind: str) -> Tensor:
+        rows = self.config.max_slots + 1
+        if kind == "seen":
+            if self._seen is None:
+                self._seen = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=self.device)
+            return self._seen
+        if kind == "counts":
+            if self._counts is None:
+                self._counts = torch.zeros(rows, self.vocab_size, dtype=torch.int32, device=self.device)
+            return self._counts
+        if self._bias is None:
+            self._bias = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=self.device)
+        return self._bias
+
+    def _init_slot_state(self, seq: EngineSequence) -> None:
+        p = seq.spec.params
+        slot = seq.slot
+        if slot is None:
+            raise RuntimeError("internal error: a sequence's sampling state set up before its slot")
+        if p.repetition_penalty != 1.0:
+            seen = self._state_rows("seen")
+            seen[slot] = False
+            seen[slot, torch.tensor(seq.spec.prompt, dtype=torch.long, device=self.device)] = True
+        if p.presence_penalty or p.frequency_penalty:
+            self._state_rows("counts")[slot] = 0
+        if p.logit_bias:
+            bias = self._state_rows("bias")
+            bias[slot] = 0.0
+            for tok, value in p.logit_bias.items():
+                bias[slot, int(tok)] = float(value)
+
+    def _sample_and_emit(self, seqs: list[EngineSequence], logits: Tensor, out: Outbox) -> None:
+        """Sample one token per row of raw logits (B, V) and pass it to each sequence's stop rules."""
+        params = [s.spec.params for s in seqs]
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
+        uses = (
+            any(p.repetition_penalty != 1.0 for p in params),
+            any(p.presence_penalty or p.frequency_penalty for p in params),
+            any(p.logit_bias for p in params),
+        )
+        x = process_logits(
+            logits,
+            params,
+            self._state_rows("seen")[slots] if uses[0] else None,  # (B, V)
+            self._state_rows("counts")[slots] if uses[1] else None,  # (B, V)
+            self._state_rows("bias")[slots] if uses[2] else None,  # (B, V)
+        )
+        x = finite_logits(x)  # (B, V): NaN never chosen, +inf rows reduced to their +inf tokens
+        # A row with no token left (everything banned, or NaN logits) fails alone; the rest go on.
+        dead = (x == NEG_INF).all(dim=-1).tolist()  # (B,)
+        if any(dead):  # a placeholder distribution; the row's token is never used
+            x = x.masked_fill(torch.tensor(dead, device=self.device)[:, None], 0.0)
+        chosen = sample_tokens(x, params, [s.generator for s in seqs], [not d for d in dead])  # (B,)
+        tokens = chosen.tolist()
+
+        lps: list[float | None] = [None] * len(seqs)
+        tops: list[dict[int, float] | None] = [None] * len(seqs)
+        lp_rows = [i for i, s in enumerate(seqs) if s.spec.logprobs is not None]
+        if lp_rows:
+            ks = [seqs[i].spec.logprobs or 0 for i in lp_rows]
+            got, got_tops = token_logprobs(logits[lp_rows], chosen[lp_rows], ks)
+            for j, i in enumerate(lp_rows):
+                lps[i], tops[i] = got[j], got_tops[j]
+
+        # Penalty state: the token is now part of the sequence.
+        if self._seen is not None or self._counts is not None:
+            if self._seen is not None:
+                self._seen[slots, chosen] = True
+            if self._counts is not None:
+                self._counts[slots, chosen] += 1
+
+        now = time.monotonic()
+        n_ok = 0
+        for seq, tok, lp, top, is_dead in zip(seqs, tokens, lps, tops, dead, strict=True):
+            if is_dead:
+                self._fail(
+                    seq,
+                    "no token can be chosen (every logit is -inf or NaN: all tokens banned by "
+                    "logit_bias, or the model produced NaN); expected at least one finite logit",
+                    out,
+                )
+                continue
+            try:
+                event = self._accept_token(seq, tok, lp, top)
+            except Exception as e:
+                log.exception("post-processing failed for one sequence")
+                self._fail(seq, f"internal error while processing a token: {type(e).__name__}: {e}", out)
+                continue
+            n_ok += 1
+            seq.sampled += 1
+            seq.last_token = tok
+            if seq.t_first is None:
+                seq.t_first = now
+                if self.metrics is not None:
+                    self.metrics.ttft.observe(now - seq.t_submit)
+            if event.finish_reason is not None:
+                self._finish(seq, event, out)
+            else:
+                out.append((seq.owner, event))
+        if self.metrics is not None and n_ok:
+            self.metrics.generation_tokens.inc(n_ok)
+            self.metrics.generated_rate.add(n_ok, now)
+
+    def _accept_token(
+        self, seq: EngineSequence, token: int, logprob: float | None, top: dict[int, float] | None
+    ) -> TokenEvent:
+        """Apply stop rules and detokenization to one sampled token (per sequence; may raise)."""
+        return seq.state.accept(token, logprob, top)
+
+    # ------------------------------------------------------------------ endings
+    def _finish(self, seq: EngineSequence, event: TokenEvent, out: Outbox) -> None:
+        result = seq.state.result
+        if seq.want_prompt_lp:
+            result.prompt_logprobs = seq.prompt_lp
+        out.append((seq.owner, event))
+        out.append((seq.owner, SequenceDone(seq.index, result, seq.sampled, seq.prompt_top)))
+        self._release(seq, result.finish_reason)
+
+    def _fail(self, seq: EngineSequence, message: str, out: Outbox) -> None:
+        out.append((seq.owner, SequenceFailed(seq.index, message)))
+        self._release(seq, "error")
+
+    def _release(self, seq: EngineSequence, reason: str) -> None:
+        if seq.finished and seq.slot is None:
+            return
+        seq.finished = True
+        if seq.slot is not None:
+            self._free_slots.append(seq.slot)
+            seq.slot = None
+        if seq in self._running:
+            self._running.remove(seq)
+        self._count_finished(reason)
+
+    def _count_finished(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.sequences_finished.inc(reason=reason)

@@ -19,15 +19,14 @@ from llama2.errors import ConfigError, OutOfMemoryError
 from llama2.model import Transformer
 from llama2.plan import (
     MemoryPlan,
-    add_arguments,
     available_memory,
     check_fits,
     default_linear_cost,
     estimate_memory,
     measure_linear_cost,
     peak_allocated,
-    run,
 )
+from llama2.plan_cli import add_arguments, run
 from llama2.quant import QuantConfig, QuantizedLinear, quantize_model
 
 # dim 256 and ffn 512: every scheme applies to every layer (q4_k needs multiples of 256)

@@ -16,8 +16,9 @@ from typing import TypedDict
 
 import torch
 
+from llama2 import dtypes
 from llama2.chat import SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, encode_dialog
-from llama2.errors import ConfigError, GenerationError, TokenizerError
+from llama2.errors import GenerationError, TokenizerError
 from llama2.generation import GenerationResult, Generator, SamplingParams, TokenEvent
 from llama2.infill import encode_infill, infill_ids
 from llama2.model import Transformer
@@ -52,29 +53,16 @@ class InfillingPrediction(TypedDict, total=False):
     logprobs: list[float]
 
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """`"bfloat16"`/`"bf16"`/`"float16"`/`"fp16"`/`"float32"`/`"fp32"` (or a torch dtype) -> torch dtype.
+    """Any spelling of `llama2.dtypes` (`"bfloat16"`, `"bf16"`, `"fp16"`, `"half"`, ...) or a torch dtype
+    -> torch dtype; None stays None.
 
     Raises:
         ConfigError: an unknown name.
     """
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}") from None
+    return dtypes.parse_dtype(dtype)
 
 
 class Llama:

@@ -24,363 +24,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
-import json
-import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from llama2.config import PRESETS, ModelArgs
+from llama2.bench_memory import (
+    bytes_per_token,
+    measure_bandwidth,
+    peak_rss_bytes,
+    reset_peak_rss,
+    weight_bytes,
+)
+from llama2.bench_models import (
+    available_memory_bytes,
+    estimate_weight_bytes,
+    load_checkpoint_model,
+    make_quant_config,
+    random_model,
+)
+from llama2.bench_report import BenchResult, format_pm, format_table, mean_std, write_json
+from llama2.config import PRESETS
+from llama2.dtypes import DTYPE_NAMES, dtype_name, parse_dtype
 from llama2.errors import ConfigError, GenerationError
 from llama2.model import Transformer
-from llama2.model.kv_cache import KVCache
-from llama2.quant import QuantConfig, accelerate, quantize_model
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
-INIT_STD = 0.02  # random weights ~ N(0, 0.02^2), as Llama's initialisation
-
-
-# --------------------------------------------------------------------------------- results
-@dataclass
-class BenchResult:
-    """One benchmarked model configuration.
-
-    Attributes:
-        model: what was measured (preset name or checkpoint path).
-        dtype: weight/activation dtype name of the unquantized parts.
-        scheme: quantization scheme, None for plain float weights.
-        threads: torch intra-op threads.
-        n_params: parameter count of the model shape.
-        weight_bytes: bytes of all weights (parameters and buffers, KV cache excluded).
-        bytes_per_token: weight bytes a decode step reads (all but the embedding table, plus one row).
-        load_s: seconds to load (or build) and quantize the weights.
-        pp: prompt length of the pp test (0: not run).
-        tg: generated tokens of the tg test (0: not run).
-        pp_tps: prompt tokens/s of each repetition.
-        tg_tps: generated tokens/s of each repetition.
-        peak_rss_bytes: peak resident memory of the process (VmHWM) after the tests.
-        bandwidth_gbs: memory read bandwidth used for the ceilings (GB/s, 1e9 bytes), or None.
-        extra: anything a caller wants to record with the row (e.g. the engine's name).
-    """
-
-    model: str
-    dtype: str
-    scheme: str | None
-    threads: int
-    n_params: int
-    weight_bytes: int
-    bytes_per_token: int
-    load_s: float
-    pp: int
-    tg: int
-    pp_tps: list[float] = field(default_factory=list)
-    tg_tps: list[float] = field(default_factory=list)
-    peak_rss_bytes: int = 0
-    bandwidth_gbs: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def precision(self) -> str:
-        """The scheme if quantized, else the dtype."""
-        return self.scheme or self.dtype
-
-    @property
-    def pp_mean(self) -> float:
-        return mean_std(self.pp_tps)[0]
-
-    @property
-    def pp_std(self) -> float:
-        return mean_std(self.pp_tps)[1]
-
-    @property
-    def tg_mean(self) -> float:
-        return mean_std(self.tg_tps)[0]
-
-    @property
-    def tg_std(self) -> float:
-        return mean_std(self.tg_tps)[1]
-
-    @property
-    def tg_ceiling(self) -> float | None:
-        """Decode tokens/s if every step only streamed its weights at the measured bandwidth."""
-        if self.bandwidth_gbs is None or self.bytes_per_token <= 0:
-            return None
-        return self.bandwidth_gbs * 1e9 / self.bytes_per_token
-
-    @property
-    def tg_fraction(self) -> float | None:
-        """tg tokens/s as a fraction of `tg_ceiling`."""
-        ceiling = self.tg_ceiling
-        return None if ceiling is None or not self.tg_tps else self.tg_mean / ceiling
-
-    def to_row(self) -> dict[str, Any]:
-        """A flat JSON-able dict: the fields plus means, deviations and ceilings."""
-        row = dataclasses.asdict(self)
-        row.update(
-            precision=self.precision,
-            pp_mean=self.pp_mean,
-            pp_std=self.pp_std,
-            tg_mean=self.tg_mean,
-            tg_std=self.tg_std,
-            tg_ceiling=self.tg_ceiling,
-            tg_fraction=self.tg_fraction,
-        )
-        return row
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for fewer than two values; NaN mean for none)."""
-    if not values:
-        return math.nan, math.nan
-    if len(values) == 1:
-        return float(values[0]), 0.0
-    return statistics.fmean(values), statistics.stdev(values)
-
-
-# --------------------------------------------------------------------------------- memory
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size (`VmHWM` in /proc/self/status), 0 where unavailable."""
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def current_rss_bytes() -> int:
-    """The process's current resident set size (`VmRSS`), 0 where unavailable."""
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak_rss() -> bool:
-    """Reset `VmHWM` to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _is_cache_tensor(module: nn.Module) -> bool:
-    return isinstance(module, KVCache)
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer of `model`, KV caches excluded (shared storage counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        if _is_cache_tensor(module):
-            continue
-        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        for t in tensors:
-            if t.device.type == "meta":
-                continue
-            key = t.untyped_storage().data_ptr()
-            if key in seen and key != 0:
-                continue
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
-
-
-def bytes_per_token(model: Transformer) -> int:
-    """Weight bytes one decode step reads: everything except the embedding table, plus one row of it."""
-    emb = model.tok_embeddings.weight
-    emb_bytes = emb.numel() * emb.element_size()
-    row = emb.shape[1] * emb.element_size()
-    return weight_bytes(model) - emb_bytes + row
-
-
-# --------------------------------------------------------------------------------- bandwidth
-def measure_bandwidth(
-    size_bytes: int = 1 << 30, reps: int = 7, threads: int | None = None
-) -> tuple[float, list[float]]:
-    """Memory read bandwidth in GB/s (1e9 bytes/s): median over `reps` `torch.sum` passes of a buffer.
-
-    The buffer (float32, default 1 GiB) is far larger than the caches, so each sum streams it from
-    DRAM; one untimed pass first faults the pages in.
-
-    Args:
-        size_bytes: buffer size.
-        reps: timed passes.
-        threads: torch intra-op threads to use (default: the current setting); restored afterwards.
-
-    Returns:
-        (median GB/s, every pass's GB/s).
-    """
-    if size_bytes < 4 or reps < 1:
-        raise ConfigError(f"bandwidth needs size_bytes >= 4 and reps >= 1, got {size_bytes}, {reps}")
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        buf = torch.ones(size_bytes // 4, dtype=torch.float32)
-        torch.sum(buf)
-        rates: list[float] = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.sum(buf)
-            rates.append(buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-        del buf
-    finally:
-        torch.set_num_threads(old)
-    return statistics.median(rates), rates
-
-
-# --------------------------------------------------------------------------------- models
-def parse_dtype(name: str) -> torch.dtype:
-    """A dtype from its name (`float32`, `bfloat16`, `float16`, or `fp32`/`bf16`/`f16`)."""
-    key = DTYPE_ALIASES.get(name, name)
-    if key not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)} (or fp32, bf16, f16)")
-    return DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, d in DTYPES.items():
-        if d == dtype:
-            return name
-    return str(dtype).removeprefix("torch.")
-
-
-def make_quant_config(
-    scheme: str | None, include_output: bool = False, groupsize: int | None = None
-) -> QuantConfig | None:
-    """A `llama2.quant.QuantConfig` for `scheme` (None: no quantization)."""
-    if scheme is None:
-        return None
-    kwargs: dict[str, Any] = {"include_output": include_output}
-    if groupsize is not None:
-        kwargs["groupsize"] = groupsize
-    return QuantConfig(scheme, **kwargs)
-
-
-@torch.no_grad()
-def _init_random_(module: nn.Module, gen: torch.Generator) -> None:
-    """Fill a freshly materialised module in place: norms 1, everything else N(0, INIT_STD^2)."""
-    for name, p in module.named_parameters():
-        if name.endswith("norm.weight") or (name == "weight" and p.dim() == 1):
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, INIT_STD, generator=gen)
-
-
-def random_model(
-    args: ModelArgs,
-    dtype: torch.dtype = torch.float32,
-    *,
-    quantize: QuantConfig | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> Transformer:
-    """A `Transformer` of shape `args` with random weights, built in `dtype` on the CPU.
-
-    The model is created on the `meta` device and materialised one block at a time, each block's
-    linears quantized (with `quantize`, a `QuantConfig`) before the next exists, so peak memory is
-    the final model plus one float block.
-
-    Args:
-        args: the shape (e.g. `PRESETS["tinyllama-1.1b"]`).
-        dtype: dtype of the float weights (embeddings, norms, unquantized linears).
-        quantize: a `llama2.quant.QuantConfig` or None.
-        seed: random seed of the weights.
-        progress: print one line per block on stderr.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to(dtype)
-    for name in ("tok_embeddings", "norm", "output"):
-        part = getattr(model, name).to_empty(device="cpu")
-        _init_random_(part, gen)
-        setattr(model, name, part)
-    if quantize is not None and quantize.include_output:
-        holder = nn.Module()  # quantize_model takes a top-level `output` only; the blocks are still meta
-        holder.output = model.output
-        quantize_model(holder, quantize)
-        model.output = holder.output
-    blocks = model.layers
-    for i in range(len(blocks)):
-        block = blocks[i].to_empty(device="cpu")
-        _init_random_(block, gen)
-        if quantize is not None:
-            quantize_model(block, quantize)
-        blocks[i] = block
-        if progress and sys.stderr.isatty():
-            print(f"\r  building block {i + 1}/{len(blocks)}", end="", file=sys.stderr, flush=True)
-    if progress and sys.stderr.isatty():
-        print(file=sys.stderr)
-    accelerate(model)  # bf16/fp16 linears -> the CPU kernels, as load_model does
-    return model.eval()
-
-
-# bytes per weight of each scheme's quantized linears (scales included; int4 at groupsize 128)
-_SCHEME_BYTES = {"int8": 1.0, "int4": 0.53, "nf4": 0.52, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_k": 144 / 256}
-
-
-def estimate_weight_bytes(args: ModelArgs, dtype: torch.dtype, quantize: QuantConfig | None) -> int:
-    """Approximate bytes of a model of shape `args` (float parts in `dtype`, linears per `quantize`)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    total = args.num_params()
-    emb_out = 2 * args.vocab_size * args.dim
-    if quantize is None:
-        return total * elem
-    linears = total - emb_out - (2 * args.n_layers + 1) * args.dim
-    per = _SCHEME_BYTES.get(quantize.scheme, 1.0)
-    head = args.vocab_size * args.dim
-    floats = total - linears - (head if quantize.include_output else 0)
-    quantized = linears + (head if quantize.include_output else 0)
-    return int(floats * elem + quantized * per)
-
-
-def available_memory_bytes() -> int | None:
-    """Bytes the CPU can allocate now (`llama2.plan.available_memory`)."""
-    from llama2.plan import available_memory
-
-    return available_memory("cpu")
-
-
-def load_checkpoint_model(
-    path: str | Path,
-    dtype: torch.dtype | None,
-    quantize: QuantConfig | None,
-    max_seq_len: int | None,
-    progress: bool,
-) -> Transformer:
-    """Load a checkpoint with `llama2.checkpoint.load.load_model`, quantizing tensor by tensor while
-    loading (`quantize`: a `QuantConfig` or None), so the float model never exists in full."""
-    from llama2.assets import resolve_model
-    from llama2.checkpoint.load import load_model
-
-    loaded = load_model(
-        resolve_model(path), dtype=dtype, max_seq_len=max_seq_len, progress=progress, quantize=quantize
-    )
-    return loaded.model.eval()
+from llama2.quant import QuantConfig, parse_quant_specs
 
 
 # --------------------------------------------------------------------------------- timing
@@ -530,7 +202,7 @@ def bench_model(
             on_rep=lambda i, t: _log(progress, f"[bench] {what}: pp{pp} rep {i}/{reps}: {pp / t:.2f} t/s"),
         )
         result.pp_tps = [pp / t for t in pp_times]
-        _log(progress, f"[bench] {what}: pp{pp}: {_fmt_pm(result.pp_tps)} t/s ({len(pp_times)} reps)")
+        _log(progress, f"[bench] {what}: pp{pp}: {format_pm(result.pp_tps)} t/s ({len(pp_times)} reps)")
     if tg > 0:
         n = tg
         if warmup:
@@ -550,7 +222,7 @@ def bench_model(
             on_rep=lambda i, t: _log(progress, f"[bench] {what}: tg{n} rep {i}/{reps}: {n / t:.2f} t/s"),
         )
         result.tg_tps = [n / t for t in tg_times]
-        _log(progress, f"[bench] {what}: tg{n}: {_fmt_pm(result.tg_tps)} t/s ({len(tg_times)} reps)")
+        _log(progress, f"[bench] {what}: tg{n}: {format_pm(result.tg_tps)} t/s ({len(tg_times)} reps)")
     model.clear_caches()
     result.peak_rss_bytes = peak_rss_bytes()
     return result
@@ -561,7 +233,7 @@ def bench_config(
     model: str | None = None,
     preset: str | None = None,
     dtype: torch.dtype | None = None,
-    scheme: str | None = None,
+    scheme: str | QuantConfig | None = None,
     include_output: bool = False,
     groupsize: int | None = None,
     pp: int = 512,
@@ -582,6 +254,7 @@ def bench_config(
     if (model is None) == (preset is None):
         raise ConfigError("give exactly one of a model (checkpoint path or name) and a preset shape")
     qcfg = make_quant_config(scheme, include_output, groupsize)
+    label_scheme = None if qcfg is None else qcfg.spec()  # `int4,groupsize=64`: parses back to qcfg
     gc.collect()
     reset_peak_rss()
     t0 = time.perf_counter()
@@ -594,13 +267,14 @@ def bench_config(
             args = args.replace(max_seq_len=ctx)
         _log(
             progress,
-            f"[bench] building {preset} ({dtype_name(dtype or torch.float32)}, {scheme or 'no quant'})",
+            f"[bench] building {preset} ({dtype_name(dtype or torch.float32)}, {label_scheme or 'no quant'})",
         )
         need = estimate_weight_bytes(args, dtype or torch.float32, qcfg)
         avail = available_memory_bytes()
         if avail is not None and need > 0.9 * avail:
             raise ConfigError(
-                f"preset {preset} in {dtype_name(dtype or torch.float32)}/{scheme or 'float'} needs about "
+                f"preset {preset} in {dtype_name(dtype or torch.float32)}/{label_scheme or 'float'} needs "
+                "about "
                 f"{need / 2**30:.1f} GiB of weights but only {avail / 2**30:.1f} GiB of memory is available; "
                 "choose a smaller preset or a quantization scheme"
             )
@@ -626,7 +300,7 @@ def bench_config(
                 warmup=warmup,
                 seed=seed,
                 label=label,
-                scheme=scheme,
+                scheme=label_scheme,
                 load_s=load_s,
                 bandwidth_gbs=bandwidth_gbs,
                 progress=progress,
@@ -635,46 +309,6 @@ def bench_config(
     finally:
         del net
         gc.collect()
-
-
-# --------------------------------------------------------------------------------- table
-def _fmt_pm(values: Sequence[float]) -> str:
-    if not values:
-        return "-"
-    m, s = mean_std(values)
-    return f"{m:.2f} ± {s:.2f}"
-
-
-def format_table(results: Sequence[BenchResult]) -> str:
-    """A Markdown table of results, one row per configuration."""
-    head = [
-        "model", "precision", "threads", "weights MiB", "load s", "peak RSS MiB",
-        "pp t/s", "tg t/s", "tg ceiling t/s", "tg % of ceiling",
-    ]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in results:
-        ceiling = r.tg_ceiling
-        frac = r.tg_fraction
-        cells = [
-            r.model,
-            r.precision + (f" ({r.dtype})" if r.scheme else ""),
-            str(r.threads),
-            f"{r.weight_bytes / 2**20:.0f}",
-            f"{r.load_s:.1f}",
-            f"{r.peak_rss_bytes / 2**20:.0f}",
-            f"{_fmt_pm(r.pp_tps)}" + (f" (pp{r.pp})" if r.pp else ""),
-            f"{_fmt_pm(r.tg_tps)}" + (f" (tg{r.tg})" if r.tg else ""),
-            "-" if ceiling is None else f"{ceiling:.1f}",
-            "-" if frac is None else f"{100 * frac:.0f}%",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_json(results: Sequence[BenchResult], path: Path | str, meta: dict[str, Any] | None = None) -> None:
-    """Write `{"meta": ..., "rows": [result.to_row(), ...]}` to `path`."""
-    doc = {"meta": meta or {}, "rows": [r.to_row() for r in results]}
-    Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------------- CLI
@@ -699,14 +333,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default=None,
-        help="comma-separated dtypes of the float weights: float32, bfloat16, float16 (default: the "
+        help=f"comma-separated dtypes of the float weights: {', '.join(DTYPE_NAMES)} (default: the "
         "checkpoint's own; float32 for --preset)",
     )
     parser.add_argument(
         "--quantize",
         default=None,
-        help="comma-separated quantization schemes, 'none' for float weights (int8, int4, nf4, q8_0, q4_0, "
-        "q4_k); one row per dtype x scheme",
+        help="comma-separated quantization specs, 'none' for float weights (int8, int4, nf4, q8_0, q4_0, "
+        "q4_k; options follow their scheme as everywhere: none,int8,int4,groupsize=64,nf4); one row per "
+        "dtype x scheme",
     )
     parser.add_argument("--quantize-output", action="store_true", help="also quantize the output head")
     parser.add_argument("--groupsize", type=int, default=None, help="int4 group size (default: 128)")
@@ -750,11 +385,9 @@ def run(args: argparse.Namespace) -> int:
         dtypes = [parse_dtype(d) for d in _csv(args.dtype)]
     else:
         dtypes = [torch.float32 if args.preset is not None else None]
-    schemes: list[str | None] = [None]
-    if args.quantize:
-        schemes = [None if s.lower() == "none" else s.lower() for s in _csv(args.quantize)]
-        for s in schemes:
-            make_quant_config(s)  # validate every scheme before spending time on the first
+    schemes: list[QuantConfig | None] = [None]
+    if args.quantize:  # every scheme parsed (so validated) before time is spent on the first
+        schemes = parse_quant_specs(args.quantize)
     bandwidth: float | None = None
     if args.bandwidth is not None:
         if str(args.bandwidth).lower() == "measure":

@@ -40,7 +40,7 @@ from llama2.config import ModelArgs, RopeScaling
 from llama2.errors import CheckpointError, ConfigError
 from llama2.gguf_header import GGUFFormatError, GGUFHeader, GGUFTensorInfo, read_gguf_header
 from llama2.limits import check_float, check_int
-from llama2.quant.gguf_blocks import BLOCK_SIZES, dequantize_gguf
+from llama2.quant.gguf_blocks import BLOCK_SIZES, GGUF_BLOCKS, dequantize_gguf
 
 ARCH = "llama"
 
@@ -62,8 +62,9 @@ META_TO_GGUF: dict[str, str] = {
 GGUF_TO_META: dict[str, str] = {g: m for m, g in META_TO_GGUF.items()}
 
 # ggml_type numbers (ggml.h) of the types handled without gguf.quants.
-GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q8_0, GGML_Q4_K, GGML_BF16 = 0, 1, 2, 8, 12, 30
-QTYPE_OF_GGML: dict[int, str] = {GGML_Q8_0: "q8_0", GGML_Q4_0: "q4_0", GGML_Q4_K: "q4_k"}
+GGML_F32, GGML_F16, GGML_BF16 = 0, 1, 30
+GGML_Q4_0, GGML_Q8_0, GGML_Q4_K = (GGUF_BLOCKS[q].ggml_type for q in ("q4_0", "q8_0", "q4_k"))
+QTYPE_OF_GGML: dict[int, str] = {b.ggml_type: q for q, b in GGUF_BLOCKS.items()}  # block types we hold
 GGML_OF_QTYPE: dict[str, int] = {q: t for t, q in QTYPE_OF_GGML.items()}
 _FLOAT_TYPES: dict[int, tuple[np.dtype[Any], torch.dtype]] = {
     GGML_F32: (np.dtype("<f4"), torch.float32),

@@ -173,7 +173,7 @@ def load_model(
             f"{contents.files[0]} is already quantized ({stored.to_metadata()}); load it without "
             f"quantize= (or with the same scheme), not {requested.to_metadata()}"
         )
-    target_dtype = _target_dtype(contents, dtype, target_device)
+    target_dtype = float_weight_dtype(contents, dtype, target_device)
     context = max_seq_len if max_seq_len is not None else args.max_seq_len
     if check_memory and contents.format is not CheckpointFormat.GGUF:
         _precheck_memory(args, stored or requested, target_dtype, target_device, context)
@@ -323,35 +323,19 @@ def _check_memory(
     The weights are counted exactly from the (meta) model as it will be filled; the KV cache of one
     sequence over the context window and the prefill activations come from `llama2.plan`.
     """
-    import dataclasses
-
-    from llama2.plan import check_fits, estimate_memory
+    from llama2.plan import WeightBytes, check_fits, estimate_memory
 
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    linear = output = embedding = norms = 0
-    for name, t in model.state_dict().items():
-        module_name = name.rsplit(".", 1)[0]
-        nbytes = t.numel() * (t.element_size() if module_name in quantized else dtype.itemsize)
-        if module_name == "output":
-            output += nbytes
-        elif module_name == "tok_embeddings":
-            embedding += nbytes
-        elif name.endswith("norm.weight"):
-            norms += nbytes
-        else:
-            linear += nbytes
-    try:
-        plan = estimate_memory(
-            args, scheme=scheme, dtype=dtype, max_seq_len=context, batch_size=1, device=device
-        )
-    except ConfigError:  # some layers stay in floating point: plan KV cache and activations without it
-        plan = estimate_memory(
-            args, scheme=None, dtype=dtype, max_seq_len=context, batch_size=1, device=device
-        )
-    exact = dataclasses.replace(
-        plan, linear_bytes=linear, output_bytes=output, embedding_bytes=embedding, norm_bytes=norms
+
+    def nbytes(name: str, t: Tensor) -> int:  # quantized buffers as declared, float weights in dtype
+        return t.numel() * (t.element_size() if name.rsplit(".", 1)[0] in quantized else dtype.itemsize)
+
+    sizes = [(name, nbytes(name, t)) for name, t in model.state_dict().items()]
+    weights = WeightBytes.from_tensors(sizes, output_quantized="output" in quantized)
+    plan = estimate_memory(
+        args, scheme=scheme, dtype=dtype, max_seq_len=context, batch_size=1, device=device, stored=weights
     )
-    check_fits(exact, device)
+    check_fits(plan, device)
 
 
 def _swap_in(model: Transformer, plan: dict[str, QuantConfig]) -> None:
@@ -428,9 +412,11 @@ def _check_names_and_shapes(
         raise CheckpointError(f"{files}: missing tensor {missing[0]!r}{more}")
 
 
-def _target_dtype(
+def float_weight_dtype(
     contents: CheckpointContents, dtype: torch.dtype | None, device: torch.device
 ) -> torch.dtype:
+    """The dtype `load_model` gives the float weights: `dtype` if given, else the stored embeddings'
+    (float16 -> bfloat16 on CPU; float32 for block-quantized or integer embeddings)."""
     if dtype is not None:
         if not dtype.is_floating_point:
             raise CheckpointError(f"dtype must be a floating-point dtype, got {dtype}")

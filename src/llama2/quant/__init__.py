@@ -1,6 +1,7 @@
 """Weight quantization: int8, int4 (gpt-fast), NF4 (QLoRA/bitsandbytes), GGUF Q8_0/Q4_0/Q4_K.
 
-Numerics live in one file per format; `linear.py` holds the drop-in modules and `convert.py`
+Numerics live in one file per format; `linear.py` holds the drop-in modules, `registry.py` one object
+per scheme (its module, storage layout, shapes, metadata, quantizer), and `convert.py`
 swaps them into a model and saves/loads the result with the scheme in safetensors metadata.
 """
 
@@ -10,6 +11,7 @@ from llama2.quant.convert import (
     empty_module,
     load_quantized,
     parse_quant_spec,
+    parse_quant_specs,
     prepare_model,
     quantization_metadata,
     quantize_model,
@@ -30,6 +32,7 @@ from llama2.quant.linear import (
     accelerate,
 )
 from llama2.quant.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from llama2.quant.registry import Scheme, get_scheme, storage_bytes
 from llama2.quant.schemes import SCHEMES
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "NF4Tensor",
     "QuantConfig",
     "QuantizedLinear",
+    "Scheme",
     "accelerate",
     "config_from_metadata",
     "dequantize_gguf",
@@ -49,8 +53,10 @@ __all__ = [
     "dequantize_int8",
     "dequantize_nf4",
     "empty_module",
+    "get_scheme",
     "load_quantized",
     "parse_quant_spec",
+    "parse_quant_specs",
     "prepare_model",
     "quantization_metadata",
     "quantize_gguf",
@@ -60,5 +66,6 @@ __all__ = [
     "quantize_nf4",
     "quantize_weight",
     "save_quantized",
+    "storage_bytes",
     "target_names",
 ]

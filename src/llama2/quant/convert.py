@@ -18,16 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from llama2.dtypes import canonical_name, parse_dtype
 from llama2.errors import CheckpointError, ConfigError
-from llama2.quant.int4 import INT4_GROUPSIZES
-from llama2.quant.linear import GGUFLinear, Int4Linear, Int8Linear, NF4Linear, QuantizedLinear
-from llama2.quant.nf4 import NF4_BLOCKSIZES
-from llama2.quant.schemes import SCHEMES
+from llama2.quant.linear import QuantizedLinear
+from llama2.quant.registry import COMMON_OPTIONS, SCHEMES, get_scheme
 
 BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention and feed-forward projections
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METADATA_KEY = "quantization"
-_SPEC_KEYS = ("groupsize", "blocksize", "double_quant", "compute_dtype", "include_output")
+_SPEC_KEYS = (*dict.fromkeys(o for s in SCHEMES.values() for o in s.options), *COMMON_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -51,39 +49,36 @@ class QuantConfig:
     include_output: bool = False
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ConfigError(
-                f"unknown quantization scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}"
-            )
-        if self.scheme == "int4" and self.groupsize not in INT4_GROUPSIZES:
-            raise ConfigError(f"int4 groupsize must be one of {INT4_GROUPSIZES}, got {self.groupsize}")
-        if self.scheme == "nf4" and self.blocksize not in NF4_BLOCKSIZES:
-            raise ConfigError(f"nf4 blocksize must be one of {NF4_BLOCKSIZES}, got {self.blocksize}")
-        if self.compute_dtype is not None and self.compute_dtype not in _DTYPES:
-            raise ConfigError(
-                f"compute_dtype must be one of {', '.join(_DTYPES)} or None, got {self.compute_dtype!r}"
-            )
+        get_scheme(self.scheme).validate(self)
+        if self.compute_dtype is not None:  # any spelling of llama2.dtypes, kept as its canonical name
+            try:
+                name = canonical_name(self.compute_dtype)
+            except ConfigError as err:
+                raise ConfigError(f"compute_dtype: {err} (or None for the activations' dtype)") from None
+            object.__setattr__(self, "compute_dtype", name)
 
     @property
     def torch_compute_dtype(self) -> torch.dtype | None:
-        return None if self.compute_dtype is None else _DTYPES[self.compute_dtype]
+        return None if self.compute_dtype is None else parse_dtype(self.compute_dtype)
 
     def to_metadata(self) -> dict[str, Any]:
         """The fields that describe this scheme, for checkpoint metadata."""
-        out: dict[str, Any] = {"scheme": self.scheme}
-        if self.scheme == "int4":
-            out["groupsize"] = self.groupsize
-        if self.scheme == "nf4":
-            out["blocksize"] = self.blocksize
-            out["double_quant"] = self.double_quant
-        out["compute_dtype"] = self.compute_dtype
-        out["include_output"] = self.include_output
-        return out
+        return get_scheme(self.scheme).metadata(self)
+
+    def spec(self) -> str:
+        """The shortest spec `parse_quant_spec` turns back into this config: `int4,groupsize=64`."""
+        default = QuantConfig(self.scheme)
+        options = [
+            f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in self.to_metadata().items()
+            if k != "scheme" and v != getattr(default, k)
+        ]
+        return ",".join([self.scheme, *options])
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> QuantConfig:
         """Inverse of `to_metadata`; raises ConfigError on unknown keys or values."""
-        known = {"scheme", "groupsize", "blocksize", "double_quant", "compute_dtype", "include_output"}
+        known = {"scheme", *_SPEC_KEYS}
         extra = set(meta) - known
         if "scheme" not in meta or extra:
             raise ConfigError(
@@ -95,7 +90,8 @@ class QuantConfig:
 def parse_quant_spec(spec: str | QuantConfig | None) -> QuantConfig | None:
     """Parse `"nf4"`, `"int4,groupsize=64"`, `"q4_0,include_output=true"`, `"nf4,double_quant=false"`.
 
-    The first comma-separated item is the scheme; the others are `QuantConfig` fields as `key=value`.
+    The first comma-separated item is the scheme (any case; `none` alone: None, float weights); the
+    others are `QuantConfig` fields as `key=value`.
 
     Raises:
         ConfigError: unknown scheme, unknown field or a value of the wrong type.
@@ -103,6 +99,9 @@ def parse_quant_spec(spec: str | QuantConfig | None) -> QuantConfig | None:
     if spec is None or isinstance(spec, QuantConfig):
         return spec
     scheme, *options = [part.strip() for part in spec.split(",")]
+    scheme = scheme.lower()
+    if scheme in ("none", "float") and not options:  # float weights, as `--quantize none` says
+        return None
     fields: dict[str, Any] = {}
     for option in options:
         key, sep, value = option.partition("=")
@@ -110,7 +109,7 @@ def parse_quant_spec(spec: str | QuantConfig | None) -> QuantConfig | None:
         if not sep or key not in _SPEC_KEYS:
             raise ConfigError(
                 f"bad quantization option {option!r} in {spec!r}; expected key=value with key one of "
-                "groupsize, blocksize, double_quant, compute_dtype, include_output"
+                f"{', '.join(_SPEC_KEYS)}"
             )
         value = value.strip()
         if key in ("groupsize", "blocksize"):
@@ -125,6 +124,28 @@ def parse_quant_spec(spec: str | QuantConfig | None) -> QuantConfig | None:
         else:
             fields[key] = value
     return QuantConfig(scheme, **fields)
+
+
+def parse_quant_specs(text: str) -> list[QuantConfig | None]:
+    """A comma-separated list of specs, each option attached to the scheme before it:
+    `"none,int8,int4,groupsize=64,nf4"` -> [None, int8, int4 (groupsize 64), nf4] (`none`: float weights).
+
+    Raises:
+        ConfigError: an empty list, an option before any scheme, or a bad spec (`parse_quant_spec`).
+    """
+    groups: list[list[str]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" in part:
+            if not groups or groups[-1][0].lower() in ("none", "float"):
+                raise ConfigError(f"quantization option {part!r} in {text!r} follows no scheme")
+            groups[-1].append(part)
+        else:
+            groups.append([part])
+    if not groups:
+        raise ConfigError(f"no quantization scheme in {text!r}; expected e.g. none,int8,int4,groupsize=64")
+    return [parse_quant_spec(",".join(g)) for g in groups]
 
 
 def target_names(model: nn.Module, include_output: bool) -> list[str]:
@@ -166,27 +187,13 @@ def _make(linear: nn.Linear, config: QuantConfig, quantize: bool) -> QuantizedLi
         raise ConfigError("quantized linear layers support bias-free nn.Linear only (Llama has no biases)")
     if not quantize:
         return _empty(linear.in_features, linear.out_features, config, linear.weight.device)
-    cd = config.torch_compute_dtype
-    s = config.scheme
-    if s == "int8":
-        return Int8Linear.from_linear(linear, cd)
-    if s == "int4":
-        return Int4Linear.from_linear(linear, config.groupsize, cd)
-    if s == "nf4":
-        return NF4Linear.from_linear(linear, config.blocksize, config.double_quant, cd)
-    return GGUFLinear.from_linear(linear, s, cd)
+    return get_scheme(config.scheme).quantize(linear, config)
 
 
 def _empty(n_in: int, n_out: int, config: QuantConfig, dev: torch.device | str) -> QuantizedLinear:
-    cd = config.torch_compute_dtype
-    s = config.scheme
-    if s == "int8":
-        return Int8Linear(n_in, n_out, cd, dev)
-    if s == "int4":
-        return Int4Linear(n_in, n_out, config.groupsize, cd, dev)
-    if s == "nf4":
-        return NF4Linear(n_in, n_out, config.blocksize, config.double_quant, cd, dev)
-    return GGUFLinear(n_in, n_out, s, cd, dev)
+    scheme = get_scheme(config.scheme)
+    scheme.check_shape(n_out, n_in, config)
+    return scheme.empty(n_in, n_out, config, dev)
 
 
 def _targets(model: nn.Module, config: QuantConfig) -> list[tuple[nn.Module, str, nn.Linear]]:

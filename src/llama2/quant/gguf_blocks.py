@@ -19,7 +19,7 @@ without fused multiply-add. Dequantizers give the same float32 values as `gguf.q
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -28,9 +28,25 @@ from torch import Tensor
 from llama2.errors import ConfigError
 
 GGUFType = Literal["q8_0", "q4_0", "q4_k"]
-# name -> (values per block, bytes per block), as ggml's GGML_QUANT_SIZES
-BLOCK_SIZES: dict[str, tuple[int, int]] = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_k": (256, 144)}
-QK_K = 256
+
+
+class GGUFBlock(NamedTuple):
+    """One GGUF block type's geometry, as ggml's `GGML_QUANT_SIZES` and `ggml_type` enum state it."""
+
+    ggml_type: int  # the `ggml_type` number stored in a GGUF tensor header
+    values: int  # weights per block
+    nbytes: int  # bytes per block (the layouts in the module docstring)
+
+
+# The one statement of the GGUF block geometry this package reads and writes (see the docstring).
+GGUF_BLOCKS: dict[str, GGUFBlock] = {
+    "q8_0": GGUFBlock(ggml_type=8, values=32, nbytes=2 + 32),  # fp16 d + 32 int8
+    "q4_0": GGUFBlock(ggml_type=2, values=32, nbytes=2 + 16),  # fp16 d + 32 nibbles
+    "q4_k": GGUFBlock(ggml_type=12, values=256, nbytes=2 + 2 + 12 + 128),  # d, dmin, scales, 256 nibbles
+}
+# name -> (values per block, bytes per block)
+BLOCK_SIZES: dict[str, tuple[int, int]] = {name: (b.values, b.nbytes) for name, b in GGUF_BLOCKS.items()}
+QK_K = GGUF_BLOCKS["q4_k"].values
 
 
 def _f32(v: float) -> Tensor:

@@ -6,8 +6,9 @@
    types, and truncate-heavy bodies (`"truncate": true` with long prompts and many message pairs).
    Counted: 5xx answers, 4xx answers not in OpenAI's error shape, transport errors (reset, timeout).
 2. `/health` latency while a worst-case `truncate` request is served: 20,000 message pairs with
-   `"truncate": true` (~1.5 MB body), and a ~4 MB prompt with `"truncate": true` (just under the
-   default 4 MiB body cap). /health is polled every 20 ms while the request runs; p50 / p99 / max
+   `"truncate": true` (~1.5 MB body), a ~4 MB prompt with `"truncate": true` (just under the
+   default 4 MiB body cap), and one ~4 MB chat message (a shaped 400: the last turn is kept whole).
+   /health is polled every 20 ms while the request runs; p50 / p99 / max
    are reported (goal: max under 100 ms).
 3. The server must still answer a normal request afterwards and exit cleanly on SIGTERM.
 
@@ -250,8 +251,14 @@ def worst_truncate_bodies() -> dict[str, tuple[str, bytes]]:
     prefix, suffix = b'{"prompt": "', b'", "max_tokens": 4, "truncate": true}'
     room = 4 * 1024 * 1024 - len(prefix) - len(suffix) - 64
     prompt = prefix + (b"llama " * (room // 6 + 1))[:room] + suffix
+    # one 4 MB user message: truncation keeps the last user turn whole, so this is a shaped 400
+    prefix = b'{"messages": [{"role": "user", "content": "'
+    suffix = b'"}], "max_tokens": 4, "truncate": true}'
+    room = 4 * 1024 * 1024 - len(prefix) - len(suffix) - 64
+    message = prefix + (b"llama " * (room // 6 + 1))[:room] + suffix
     return {"chat 20k pairs truncate": ("/v1/chat/completions", chat),
-            "4 MB prompt truncate": ("/v1/completions", prompt)}  # fmt: skip
+            "4 MB prompt truncate": ("/v1/completions", prompt),
+            "chat 4 MB message truncate": ("/v1/chat/completions", message)}  # fmt: skip
 
 
 async def health_during(

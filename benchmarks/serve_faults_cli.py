@@ -1,9 +1,12 @@
 """Server fault cases that need the real `llama2 serve` command line (run by serve_faults.py):
 
   truncate     /health latency while the worst-case `"truncate": true` requests are served
-               (20,000 message pairs, ~1.5 MB; a ~4 MB prompt).
+               (20,000 message pairs, ~1.5 MB; a ~4 MB prompt; one ~4 MB chat message).
   slow-clients N (default 1,000) loopback connections that trickle their headers or body one byte
-               a second for a bounded time, while /health and a small completion are timed.
+               a second for a bounded time, against a server with `--read-timeout 3` and
+               `--max-connections 512`, while /health and a small completion are timed: the server
+               must answer each one 408 (read timeout) or 503 (over the limit) and close it in time,
+               and its open descriptors must stay bounded and fall back.
   drain        streaming requests in flight, SIGTERM with `--drain-timeout`: how the streams end
                (a terminator or a cut connection), when, and how (and how fast) the server exits.
   auth-host    with `--api-key`: a wrong Host header, invalid JSON / an oversized body without a key,
@@ -57,57 +60,95 @@ def _fd_count(pid: int) -> int:
         return -1
 
 
+SLOW_READ_TIMEOUT_S = 3.0  # --read-timeout of the slow-clients server
+SLOW_MAX_CONNECTIONS = 512  # its --max-connections (the default): the rest of the 1,000 get 503 at once
+CLOSE_MARGIN_S = 3.0  # how late after the read timeout a slow connection may still be closed
+
+
 async def _slow_clients(url: str, host: str, port: int, n: int, seconds: float, pid: int) -> dict[str, Any]:
     import httpx
 
     deadline = time.monotonic() + seconds
-    opened, open_failed, closed_by_server = 0, 0, 0
+    opened, open_failed = 0, 0
+    ends: list[tuple[str, float]] = []  # (first status or how it ended, seconds from connect to close)
     writers: list[asyncio.StreamWriter] = []
-    fds_during: list[int] = []
+    fds_during: list[tuple[float, int]] = []
+    lat_burst: list[float] = []
+    t_start = time.monotonic()
+    health_ready = asyncio.Event()
+    burst_over: list[float] = []  # when the last slow connection was opened
 
     async def one(i: int) -> None:
-        nonlocal opened, open_failed, closed_by_server
+        nonlocal opened, open_failed
+        await health_ready.wait()  # the monitor's keep-alive connection is open first
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
         except (TimeoutError, OSError):
             open_failed += 1
+            if opened + open_failed == n:
+                burst_over.append(time.monotonic())
             return
+        t0 = time.monotonic()
         opened += 1
         writers.append(writer)
+        if opened + open_failed == n:
+            burst_over.append(time.monotonic())
         if i % 2 == 0:  # slow headers: the header block never ends
             head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         else:  # slow body: a complete header block announcing a body that trickles
             head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: 100000\r\n\r\n{\"prompt\": \"")  # fmt: skip
+
+        async def read_all() -> str:
+            first = b""
+            with contextlib.suppress(OSError, ConnectionError):
+                while chunk := await reader.read(65536):
+                    first = first or chunk
+            if not first.startswith(b"HTTP/"):
+                return "closed"
+            return first.split(b" ", 2)[1].decode("ascii", "replace")
+
+        reading = asyncio.create_task(read_all())
         try:
             writer.write(head)
             await writer.drain()
-            while time.monotonic() < deadline:
-                await asyncio.sleep(1.0)
-                if reader.at_eof():
-                    closed_by_server += 1
-                    return
+            while time.monotonic() < deadline and not reading.done():
+                await asyncio.wait([reading], timeout=1.0)
+                if reading.done():
+                    break
                 writer.write(b"X-a: b\r\n" if i % 2 == 0 else b"a")
                 await writer.drain()
         except (OSError, ConnectionError):
-            closed_by_server += 1
+            pass
+        try:
+            status = await asyncio.wait_for(reading, max(0.1, deadline - time.monotonic()))
+            ends.append((status, time.monotonic() - t0))
+        except TimeoutError:
+            ends.append(("open at end", time.monotonic() - t0))
 
-    async def monitor() -> tuple[list[float], int, list[float], list[str]]:
+    async def monitor() -> tuple[list[float], int, list[str], list[float], list[str]]:
+        # /health polls while the 1,000 connections are being opened are timed apart: this client's
+        # own event loop is then busy opening them, so those times measure the harness as much as
+        # the server
         lat: list[float] = []
         errors = 0
+        statuses: list[str] = []
         comp: list[float] = []
         comp_status: list[str] = []
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-            await asyncio.sleep(min(3.0, seconds / 3))  # let the slow connections pile up first
+            await client.get("/health")  # open the kept-alive connection before the slow ones arrive
+            health_ready.set()
             last_comp = 0.0
             while time.monotonic() < deadline - 0.5:
-                fds_during.append(_fd_count(pid))
+                fds_during.append((time.monotonic() - t_start, _fd_count(pid)))
                 t0 = time.perf_counter()
                 try:
-                    await client.get("/health")
-                    lat.append((time.perf_counter() - t0) * 1000)
-                except httpx.HTTPError:
+                    r = await client.get("/health")
+                    (lat if burst_over else lat_burst).append((time.perf_counter() - t0) * 1000)
+                    statuses.append(str(r.status_code))
+                except httpx.HTTPError as e:
                     errors += 1
+                    statuses.append(type(e).__name__)
                 if time.monotonic() - last_comp > 2.0:
                     last_comp = time.monotonic()
                     t0 = time.perf_counter()
@@ -118,21 +159,32 @@ async def _slow_clients(url: str, host: str, port: int, n: int, seconds: float, 
                         comp_status.append(type(e).__name__)
                     comp.append((time.perf_counter() - t0) * 1000)
                 await asyncio.sleep(0.1)
-        return lat, errors, comp, comp_status
+        return lat, errors, statuses, comp, comp_status
 
-    start = time.monotonic()
     mon = asyncio.create_task(monitor())
     await asyncio.gather(*(one(i) for i in range(n)))
-    lat, errors, comp, comp_status = await mon
+    lat, errors, statuses, comp, comp_status = await mon
     for w in writers:
         with contextlib.suppress(Exception):
             w.close()
+    by_status: dict[str, int] = {}
+    for status, _ in ends:
+        by_status[status] = by_status.get(status, 0) + 1
+    closed = [t for status, t in ends if status != "open at end"]
+    late = SLOW_READ_TIMEOUT_S + CLOSE_MARGIN_S
+    fds_late = [f for t, f in fds_during if t > late + 1.0]
     return {
         "clients": n, "seconds": seconds, "opened": opened, "open_failed": open_failed,
-        "closed_by_server_before_end": closed_by_server, "wall_s": round(time.monotonic() - start, 1),
-        "server_fds_during_max": max(fds_during, default=-1),
+        "closed_by_server_before_end": len(closed), "endings": by_status,
+        "close_after_s_max": round(max(closed, default=float("nan")), 2),
+        "closed_later_than_timeout_plus_margin": sum(t > late for t in closed),
+        "wall_s": round(time.monotonic() - t_start, 1),
+        "server_fds_during_max": max((f for _, f in fds_during), default=-1),
+        "server_fds_after_timeout_max": max(fds_late, default=-1),
         "health_polls": len(lat), "health_errors": errors, "health_p50_ms": round(fs.pct(lat, 50), 1),
         "health_max_ms": round(max(lat, default=float("nan")), 1),
+        "health_max_ms_while_connecting": round(max(lat_burst, default=float("nan")), 1),
+        "health_not_200": sum(s != "200" for s in statuses),
         "completion_statuses": comp_status, "completion_max_ms": round(max(comp, default=float("nan")), 1),
     }  # fmt: skip
 
@@ -140,11 +192,14 @@ async def _slow_clients(url: str, host: str, port: int, n: int, seconds: float, 
 def slow_clients_part(src: Path | None, model: str, clients: int, seconds: float) -> dict[str, Any]:
     clients, seconds = min(clients, 2000), min(seconds, 60.0)  # bounded whatever is asked
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    server = fs.start_cli_server(src, ["--model", model, "--log-level", "warning"])
+    args = ["--model", model, "--log-level", "warning", "--read-timeout", str(SLOW_READ_TIMEOUT_S),
+            "--max-connections", str(SLOW_MAX_CONNECTIONS)]  # fmt: skip
+    server = fs.start_cli_server(src, args)
     if soft < clients + 100:  # our side only (the server keeps the limit it started with)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, clients + 200), hard))
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    out: dict[str, Any] = {"server_fds_before": _fd_count(server.proc.pid)}
+    out: dict[str, Any] = {"server_fds_before": _fd_count(server.proc.pid),
+                           "read_timeout_s": SLOW_READ_TIMEOUT_S, "max_connections": SLOW_MAX_CONNECTIONS}
     try:
         out.update(asyncio.run(_slow_clients(server.url, host, int(port), clients, seconds, server.proc.pid)))
         time.sleep(2.0)
@@ -153,14 +208,27 @@ def slow_clients_part(src: Path | None, model: str, clients: int, seconds: float
     finally:
         out["server_exit_code"], _ = server.stop()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    endings = out["endings"]
+    refused = endings.get("503", 0)
     out["checks"] = {
-        "health_answered_during_slow_clients": out["health_errors"] == 0 and out["health_polls"] > 0,
+        "health_answered_during_slow_clients": out["health_errors"] == 0 and out["health_polls"] > 0
+        and out["health_not_200"] == 0,
         "health_max_under_100ms_during_slow_clients": out["health_max_ms"] < 100.0,
         "completions_ok_during_slow_clients": bool(out["completion_statuses"])
         and all(s == "200" for s in out["completion_statuses"]),
         "alive_after_slow_clients": bool(out["alive_after"]),
+        "every_slow_connection_closed_by_the_server": out["closed_by_server_before_end"] == out["opened"]
+        and out["opened"] == clients,
+        f"closed_within_read_timeout_plus_{CLOSE_MARGIN_S:g}s":
+            out["closed_later_than_timeout_plus_margin"] == 0,
+        "answered_408_or_503": endings.get("408", 0) + refused == out["opened"],
+        "connections_over_the_limit_refused": refused >= clients - SLOW_MAX_CONNECTIONS,
+        # refused connections keep their socket for a second's grace, at most as many as the limit
+        "server_fds_bounded": 0 < out["server_fds_during_max"] <= out["server_fds_before"]
+        + 2 * SLOW_MAX_CONNECTIONS + 20,
+        "fds_released_after_timeout": out["server_fds_after_timeout_max"] <= out["server_fds_before"] + 20,
         "fds_released": out["server_fds_after"] <= out["server_fds_before"] + 10,
-    }
+    }  # fmt: skip
     return out
 
 
@@ -320,12 +388,17 @@ def print_parts(report: dict[str, Any]) -> None:
                       f"({h['health_polls']} polls, {h['health_errors']} errors)")  # fmt: skip
     if "slow_clients" in report:
         s = report["slow_clients"]
-        print(f"slow clients: {s['opened']}/{s['clients']} opened ({s['open_failed']} failed), "
-              f"{s['closed_by_server_before_end']} closed by the server within {s['seconds']} s; "
-              f"/health p50 {s['health_p50_ms']} ms, max {s['health_max_ms']} ms, "
+        print(f"slow clients (--read-timeout {s['read_timeout_s']:g}, "
+              f"--max-connections {s['max_connections']}): "
+              f"{s['opened']}/{s['clients']} opened ({s['open_failed']} failed), "
+              f"{s['closed_by_server_before_end']} closed by the server within {s['seconds']} s "
+              f"(answers {s['endings']}, last after {s['close_after_s_max']} s); "
+              f"/health p50 {s['health_p50_ms']} ms, max {s['health_max_ms']} ms "
+              f"(max {s['health_max_ms_while_connecting']} ms while the connections were opened), "
               f"{s['health_errors']} errors; "
               f"completions {s['completion_statuses']} (max {s['completion_max_ms']} ms); server fds "
-              f"{s['server_fds_before']} -> {s['server_fds_during_max']} (max during) -> "
+              f"{s['server_fds_before']} -> {s['server_fds_during_max']} (max during), "
+              f"{s['server_fds_after_timeout_max']} (max after timeout + margin) -> "
               f"{s['server_fds_after']}")  # fmt: skip
     if "drain" in report:
         d = report["drain"]

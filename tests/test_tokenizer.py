@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,15 @@ import sentencepiece as spm
 
 from llama2.errors import TokenizerError
 from llama2.tokenizer import StreamingDetokenizer, Tokenizer, save_sentencepiece
-from text_fixtures import GGUF, MODEL, codellama_model_bytes, codellama_sp, reference_sp, vocab_cases
+from text_fixtures import (
+    GGUF,
+    MODEL,
+    _piece_entry,
+    codellama_model_bytes,
+    codellama_sp,
+    reference_sp,
+    vocab_cases,
+)
 
 CASES = vocab_cases()
 MODEL_SHA256 = "0cfa47d25971c2359ceeb30545d15b1676ed49abc163361350281694aa386843"  # fixture README
@@ -232,3 +241,65 @@ def test_gguf_with_code_llama_vocabulary(tmp_path: Path) -> None:
 def test_save_writes_a_loadable_model(tok: Tokenizer, tmp_path: Path) -> None:
     out = tok.save(tmp_path / "copy" / "tokenizer.model")
     assert spm.SentencePieceProcessor(model_file=str(out)).encode("Hello world") == [15043, 3186]
+
+
+# --- long texts are encoded in pieces (issue 9: the server's event loop kept waiting for the GIL) ----
+def _random_text(rng: random.Random, length: int) -> str:
+    """Words, runs of spaces, newlines, tabs, digits, punctuation, accents, CJK, emoji and a few
+    characters the vocabulary lacks (byte fallback), so cuts land next to every kind of neighbour."""
+    alphabet = [
+        "llama", "the", "Hello", "ab", "x", "1234", "3.14", "!", ",", ".", "?", "'", '"', "(", ")", "-",
+        "é", "naïve", "日本語", "🦙", "\u0301", "\t", "\n", "\n\n", " ", "  ", "   ", "_", "▁", "[INST]",
+        "<s>", "\x00", "\u200b", "~", "{", "}",
+    ]  # fmt: skip
+    out: list[str] = []
+    size = 0
+    while size < length:
+        token = rng.choice(alphabet)
+        out.append(token)
+        size += len(token)
+    return "".join(out)[:length]
+
+
+def test_pieces_are_exactly_one_call_on_many_random_texts(
+    tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llama2.tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "ENCODE_PIECE_CHARS", 7)  # a cut every few characters
+    oracle = reference_sp()
+    rng = random.Random(1234)
+    cut = 0  # texts cut at least once
+    for case in range(600):
+        text = _random_text(rng, rng.randrange(1, 400))
+        if case % 3 == 0:
+            text = " " * rng.randrange(3) + text + " " * rng.randrange(3)  # edge spaces stay in place
+        pieces = list(tok.encode_pieces(text))
+        cut += len(pieces) > 1
+        assert [i for p in pieces for i in p] == oracle.encode(text), repr(text)
+        assert tok.encode(text, bos=True, eos=True) == [1, *oracle.encode(text), 2], repr(text)
+    assert cut > 250  # the texts really were cut (the short ones often have no cut)
+
+
+def test_a_long_text_is_encoded_in_64_kib_pieces(tok: Tokenizer) -> None:
+    rng = random.Random(7)
+    vocabulary = ["llama", "alpaca", "the", "of", "42,", "naïve", "🦙", "日本語."]
+    words = [rng.choice(vocabulary) for _ in range(300_000)]
+    text = " ".join(words)
+    assert len(text) > 1_000_000
+    pieces = list(tok.encode_pieces(text))
+    assert len(pieces) >= len(text) // (64 * 1024) - 1  # ~64 KiB of text each (a few ms of GIL)
+    assert [i for p in pieces for i in p] == reference_sp().encode(text)
+
+
+def test_a_text_without_a_cut_or_a_piece_spanning_spaces_is_encoded_in_one_call(tok: Tokenizer) -> None:
+    assert len(list(tok.encode_pieces("é" * 70_000))) == 1  # no space at all
+    assert len(list(tok.encode_pieces("a  " * 30_000))) == 1  # only double spaces: "▁▁" pieces exist
+    # A vocabulary with a piece holding "▁" after a letter ("s▁t") could merge across a cut: no cuts.
+    spanning = MODEL.read_bytes() + _piece_entry("s▁t", 0.0, 4)  # USER_DEFINED, matched literally
+    other = Tokenizer.from_model_bytes(spanning)
+    oracle = spm.SentencePieceProcessor(model_proto=spanning)
+    text = "this is the test " * 6_000
+    assert oracle.encode("is the") != oracle.encode("is") + oracle.encode("the")  # it does span
+    assert len(list(other.encode_pieces(text))) == 1
+    assert other.encode(text, bos=False, eos=False) == oracle.encode(text)

@@ -2,7 +2,8 @@
 
 A real server process on 127.0.0.1 (API keys, a 1 s read timeout, a 4 MB body cap) is driven with
 httpx and raw sockets:
-- `/health` answers in < 100 ms while a 20k-pair `truncate` chat request (~1.5 MB) is prepared;
+- `/health` answers in < 100 ms while a 20k-pair `truncate` chat request (~1.5 MB) or a 4 MB
+  `truncate` prompt is prepared;
 - slow or silent clients are answered 408 and dropped after the read timeout (head and body);
 - a foreign `Host` gets 421; the API key is checked before the body is read; `/docs`,
   `/redoc`, `/openapi.json` need the key;
@@ -417,3 +418,51 @@ def test_streams_cut_by_the_drain_timeout_end_cleanly() -> None:
     assert "Traceback" not in output and "Exception" not in output, output
     assert "graceful shutdown exceeded" not in output, output  # the app cut them, not uvicorn
     assert code == 0
+
+
+# ----------------------------------------------------------------- issue 9: a 4 MB prompt
+def _four_mb_prompt_body() -> bytes:
+    prefix, suffix = b'{"prompt": "', b'", "max_tokens": 2, "truncate": true, "temperature": 0}'
+    room = 4 * 1024 * 1024 - len(prefix) - len(suffix) - 64
+    return prefix + (b"llama " * (room // 6 + 1))[:room] + suffix
+
+
+def test_health_stays_fast_during_a_4_mb_truncated_prompt(server: ServerProcess) -> None:
+    """A 4 MB prompt is ~2.8 million ids: encoded in one SentencePiece call, building the id list held
+    the GIL for over 100 ms, and so did freeing it; now it is encoded in 64 KiB pieces and only the
+    tail that fits the context window is kept."""
+    body = _four_mb_prompt_body()
+    assert 4_000_000 < len(body) <= 4 * 1024 * 1024
+    result: dict[str, Any] = {}
+
+    def big() -> None:
+        with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=120) as c:
+            result["start"] = time.monotonic()
+            result["response"] = c.post(
+                "/v1/completions", content=body, headers={"Content-Type": "application/json"}
+            )
+            result["end"] = time.monotonic()
+
+    latencies: list[tuple[float, float]] = []
+    with httpx.Client(base_url=server.base_url, timeout=10) as health:
+        baseline = []
+        for _ in range(10):
+            sent = time.monotonic()
+            assert health.get("/health").status_code == 200
+            baseline.append(time.monotonic() - sent)
+        worker = threading.Thread(target=big)
+        worker.start()
+        while worker.is_alive():
+            sent = time.monotonic()
+            assert health.get("/health").status_code == 200
+            latencies.append((sent, time.monotonic() - sent))
+            time.sleep(0.01)
+        worker.join()
+    r = result["response"]
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["usage"]["prompt_tokens"] == 256 - 2  # BOS + the last 253 ids: the whole window
+    during = [lat for sent, lat in latencies if result["start"] + 0.05 < sent < result["end"] - 0.05]
+    assert len(during) >= 3, (result["end"] - result["start"], latencies)
+    usual = sorted(baseline)[len(baseline) // 2]
+    print(f"/health: usual {usual * 1000:.0f} ms, worst during the request {max(during) * 1000:.0f} ms")
+    assert max(during) < 0.1 + usual, (usual, sorted(during)[-5:])

@@ -2,13 +2,15 @@
 
 Everything here is plain blocking code, proportional to the request body (tokenizing a 4 MB prompt,
 encoding and truncating a 20k-turn dialog); the app runs it on `PrepareWorkers`, a small bounded
-thread pool, never on the event loop. (The tokenizer releases the GIL while it encodes.)
+thread pool, never on the event loop. (SentencePiece releases the GIL while it encodes but not while
+it builds its result list: long texts are encoded in pieces, see `Tokenizer.encode_pieces`.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Literal, TypeVar
 from llama2.chat import Message as ChatTurn
 from llama2.chat import encode_dialog_with_info
 from llama2.errors import Llama2Error
-from llama2.generation.sampling import SamplingParams
+from llama2.generation.sampling import SamplingParams, choice_seed
 from llama2.infill import encode_infill
 from llama2.serve.http_errors import APIError
 from llama2.serve.scheduler import SequenceSpec
@@ -84,6 +86,7 @@ class RequestPreparer:
         self.vocab_size = vocab_size
         self.context_window = context_window
         self.settings = settings
+        tokenizer.can_encode_in_pieces()  # its one-off vocabulary check, now rather than mid-request
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.settings.model_name:
@@ -115,9 +118,7 @@ class RequestPreparer:
                         param="logit_bias",
                     )
                 bias[tok] = value
-        seed = body.seed
-        if seed is not None and choice > 0:
-            seed = (seed + choice) % 2**64  # distinct, reproducible streams for the n choices
+        seed = choice_seed(body.seed, choice)  # distinct, reproducible streams for the n choices
         try:
             return SamplingParams(
                 temperature=body.temperature,
@@ -143,10 +144,37 @@ class RequestPreparer:
                 param="n",
             )
 
-    def fit(self, prompt: list[int], max_tokens: int, truncate: bool, param: str) -> list[int]:
-        """Check (or, with `truncate`, shorten) a prompt against the caps and the context window."""
+    def encode_prompt(self, text: str) -> tuple[list[int], int]:
+        """BOS and the ids of `text`, and their number; when there are more than the context window,
+        only BOS and the last `context_window` ids are kept (all that `fit` can use), so a 4 MB prompt
+        never becomes one list of millions of ids, whose building and freeing would hold the GIL."""
+        keep = self.context_window
+        parts: deque[list[int]] = deque()
+        held = total = 0
+        for part in self.tokenizer.encode_pieces(text):
+            parts.append(part)
+            held += len(part)
+            total += len(part)
+            while held - len(parts[0]) >= keep:  # the pieces after the first still hold `keep` ids
+                held -= len(parts.popleft())
+        ids = [self.tokenizer.bos_id]
+        for part in parts:
+            ids += part
+        if total > keep:
+            ids = ids[:1] + ids[len(ids) - keep :]  # [BOS] + the last `keep` ids
+        return ids, total + 1
+
+    def fit(
+        self, prompt: list[int], max_tokens: int, truncate: bool, param: str, length: int | None = None
+    ) -> list[int]:
+        """Check (or, with `truncate`, shorten) a prompt against the caps and the context window.
+
+        `length` is the prompt's real length when `prompt` holds only BOS and its last ids (see
+        `encode_prompt`); it must then be longer than the context window.
+        """
         ctx = self.context_window
         cap = self.settings.max_prompt_tokens
+        length = len(prompt) if length is None else length
         if max_tokens >= ctx:
             raise APIError(
                 400,
@@ -154,12 +182,12 @@ class RequestPreparer:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        if len(prompt) + max_tokens > ctx:
+        if length + max_tokens > ctx:
             if not truncate:
                 raise APIError(
                     400,
                     f"This model's maximum context length is {ctx} tokens. However, you requested "
-                    f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for the "
+                    f"{length + max_tokens} tokens ({length} in the prompt, {max_tokens} for the "
                     'completion). Shorten the prompt or max_tokens, or set "truncate": true.',
                     param=param,
                     code="context_length_exceeded",
@@ -217,10 +245,12 @@ class RequestPreparer:
         total_prompt = 0
         for i, p in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            length = None
             if isinstance(p, str):
-                ids = (
-                    encode_infill(p, body.suffix or "", tok) if infill else tok.encode(p, bos=True, eos=False)
-                )
+                if infill:
+                    ids = encode_infill(p, body.suffix or "", tok)
+                else:
+                    ids, length = self.encode_prompt(p)
             else:
                 if infill:
                     raise APIError(
@@ -234,7 +264,7 @@ class RequestPreparer:
                         param=param,
                     )
                 ids = p
-            ids = self.fit(ids, max_tokens, body.truncate, param)
+            ids = self.fit(ids, max_tokens, body.truncate, param, length)
             total_prompt += len(ids)
             for j in range(body.n):
                 specs.append(

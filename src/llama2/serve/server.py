@@ -8,7 +8,8 @@ app's shutdown stops the engine thread, and the process exits with status 0.
 What one connection can hold is bounded: the request head (16 KiB, `HEADER_LIMIT_BYTES`) must
 arrive within `read_timeout_s` of connecting (or of the first byte of a later keep-alive request),
 the body (`max_body_bytes`) within `read_timeout_s` of the head, and an idle keep-alive connection
-is closed after 5 s (uvicorn's `timeout_keep_alive`).
+is closed after 5 s (uvicorn's `timeout_keep_alive`). At most `max_connections` connections are
+open at once; one more is answered 503 at once and closed (see `connection.py`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Literal
 
-import torch
-
+from llama2.dtypes import dtype_table
 from llama2.errors import ConfigError
 from llama2.quant.schemes import SPEC_HELP as QUANTIZE_HELP
 from llama2.serve.app import AppSettings, begin_drain, create_app
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llama2.serve")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = dtype_table()  # every spelling of llama2.dtypes
 API_KEY_ENV = "LLAMA2_API_KEY"
 _CUT_MARGIN_S = 3.0  # uvicorn cancels what is left this long after the app cut its requests
 
@@ -77,6 +77,10 @@ class ServeConfig:
         drain_timeout_s: how long SIGTERM waits for in-flight requests before cutting them.
         read_timeout_s: deadline for a request's head (from connecting) and for its body (from the
             head); 408 after it.
+        max_connections: open connections at once; more are answered 503 and closed. The default
+            (512) keeps the process well under the usual limit of 1,024 open files (the model and
+            libraries hold some too): past that limit accept() fails and new connections, /health
+            included, stall. Start-up raises the soft limit (up to the hard one) when needed.
         device: torch device of the model.
         dtype: weight dtype name (float32, bfloat16, float16); None keeps the checkpoint's.
         quantize: quantization scheme applied while loading ("nf4", "int4,groupsize=64", ...), or None.
@@ -103,6 +107,7 @@ class ServeConfig:
     chat_special_tags: Literal["reject", "sanitize"] = "reject"
     drain_timeout_s: float = 30.0
     read_timeout_s: float = 30.0
+    max_connections: int = 512
     device: str = "cpu"
     dtype: str | None = None
     quantize: str | None = None
@@ -144,13 +149,14 @@ def build_app(
         The app and its (not yet started) engine.
 
     Raises:
-        ConfigError: no model, no tokenizer, or a bad setting.
+        ConfigError: no model, or a bad setting.
         CheckpointError: the checkpoint cannot be read.
+        TokenizerError: no tokenizer given or found, or it cannot be read.
     """
     from llama2.runtime import configure_threads
 
     configure_threads(config.threads)
-    tokenizer_path = config.tokenizer_path
+    tokenizer_path, found = config.tokenizer_path, None
     name = config.model_name
     if model is None:
         if config.model_path is None:
@@ -168,15 +174,13 @@ def build_app(
             quantize=config.quantize,
         )
         model = loaded.model
-        tokenizer_path = tokenizer_path or loaded.tokenizer_path
+        found = loaded.tokenizer_path
         name = name or Path(config.model_path).resolve().name
     if tokenizer is None:
-        if tokenizer_path is None:
-            raise ConfigError(
-                "no tokenizer found next to the checkpoint; "
-                "pass one (ServeConfig.tokenizer_path / --tokenizer)"
-            )
-        tokenizer = Tokenizer.from_file(tokenizer_path)
+        from llama2.checkpoint.tokenizer_path import require_tokenizer
+
+        hint = "pass one (ServeConfig.tokenizer_path / --tokenizer)"
+        tokenizer = Tokenizer.from_file(require_tokenizer(found, tokenizer_path, config.model_path, hint))
     model.eval()
     metrics = ServeMetrics()
     engine = Engine(
@@ -239,6 +243,36 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+_SPARE_FILES = 256  # descriptors besides the connections: model files, libraries, the listening socket
+
+
+def ensure_file_limit(max_connections: int) -> None:
+    """Raise the soft open-file limit to fit `max_connections` connections, as many refused ones
+    waiting to be closed (see `connection.py`) and spare descriptors, as far as the hard limit allows.
+
+    Raises:
+        ConfigError: `max_connections` is not positive, or the hard limit is too low for it.
+    """
+    if max_connections < 1:
+        raise ConfigError(f"--max-connections must be at least 1, got {max_connections}")
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    needed = max_connections + _SPARE_FILES
+    wanted = needed + max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise ConfigError(
+                f"--max-connections {max_connections} needs {needed} open files, but this process may "
+                f"open at most {hard} (ulimit -Hn); lower --max-connections to {max(1, hard - _SPARE_FILES)} "
+                "or raise the limit"
+            )
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+
+
 def run_server(
     config: ServeConfig, *, model: Transformer | None = None, tokenizer: Tokenizer | None = None
 ) -> None:
@@ -261,6 +295,7 @@ def run_server(
     if config.allowed_hosts is None:
         config = dataclasses.replace(config, allowed_hosts=default_allowed_hosts(config.host))
     keys = config.all_api_keys()
+    ensure_file_limit(config.max_connections)
     sock = bind_socket(config.host, config.port)
     try:
         app, _ = build_app(config, model=model, tokenizer=tokenizer)
@@ -274,7 +309,7 @@ def run_server(
     port = sock.getsockname()[1]
     uv_config = uvicorn.Config(
         app,
-        http=header_timeout_protocol(config.read_timeout_s),
+        http=header_timeout_protocol(config.read_timeout_s, config.max_connections),
         h11_max_incomplete_event_size=HEADER_LIMIT_BYTES,
         log_level=config.log_level,
         timeout_graceful_shutdown=math.ceil(max(1.0, config.drain_timeout_s + _CUT_MARGIN_S)),
@@ -358,6 +393,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a client has to send the request line and headers (from connecting) and then "
         "the body; 408 after them",
     )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help=f"open connections at once; more are answered 503 and closed (default {d.max_connections}: well "
+        "under the usual limit of 1,024 open files, past which new connections, /health included, stall)",
+    )
     parser.add_argument("--max-slots", type=int, default=d.max_slots, help="sequences decoded together")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context window (default: the model's)")
     parser.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting sequences before 429")
@@ -403,6 +445,8 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
             raise ConfigError("--allowed-hosts is empty; expected names like 'localhost,example.org' or '*'")
     if ns.read_timeout <= 0 or not math.isfinite(ns.read_timeout):
         raise ConfigError(f"--read-timeout must be a positive number of seconds, got {ns.read_timeout}")
+    if ns.max_connections < 1:
+        raise ConfigError(f"--max-connections must be at least 1, got {ns.max_connections}")
     return ServeConfig(
         model_path=resolve_model(ns.model),
         tokenizer_path=ns.tokenizer,
@@ -413,6 +457,7 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
         api_key_file=ns.api_key_file,
         allowed_hosts=hosts,
         read_timeout_s=ns.read_timeout,
+        max_connections=ns.max_connections,
         max_slots=ns.max_slots,
         max_seq_len=ns.max_seq_len,
         max_queue=ns.max_queue,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from llama2.data.instruct_suite import generate_items, write_jsonl
 from llama2.eval.exact_match import ExactMatchConfig, run_exact_match
+from llama2.train.loop_config import LoopConfig
 from llama2.train.sft import SFTConfig, run_sft
 
 BASE = Path("src/llama2/assets/models/base")
@@ -32,34 +33,36 @@ data = write_jsonl(items, OUT / f"train_{RUN}.jsonl")
 heldout = write_jsonl(generate_items("heldout", n_per_task=20, seed=1), OUT / "heldout.jsonl")
 if not (OUT / "base_exact_match.json").is_file():
     print("== base model, held-out exact match", flush=True)
-    run_exact_match(ExactMatchConfig(checkpoint=BASE, data=heldout, out_json=OUT / "base_exact_match.json"))
+    run_exact_match(ExactMatchConfig(model=str(BASE), data=heldout, out_json=OUT / "base_exact_match.json"))
 cfg = SFTConfig(
     base=BASE,
     data=data,
-    out_dir=OUT / RUN,
     seq_len=256,
-    batch_size=8,
-    max_steps=MAX_STEPS,
-    lr=1e-3,
-    warmup_steps=10,
-    min_lr_ratio=0.1,
-    weight_decay=0.1,
-    eval_every=100,
-    eval_batches=8,
-    ckpt_every=50,
-    log_every=5,
-    progress=False,
     val_fraction=0.05,
     save_dtype="bfloat16",
     resume=True,
-    seed=1337,
-    threads=1,
+    loop=LoopConfig(
+        out_dir=OUT / RUN,
+        batch_size=8,
+        max_steps=MAX_STEPS,
+        lr=1e-3,
+        warmup_steps=10,
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        eval_every=100,
+        eval_batches=8,
+        ckpt_every=50,
+        log_every=5,
+        progress=False,
+        seed=1337,
+        threads=1,
+    ),
 )
 res = run_sft(cfg)
 print("SFT done", res.train, flush=True)
 print("== chat model, held-out exact match", flush=True)
 rep = run_exact_match(
-    ExactMatchConfig(checkpoint=res.model_dir, data=heldout, out_json=OUT / f"chat_{RUN}_exact_match.json")
+    ExactMatchConfig(model=str(res.model_dir), data=heldout, out_json=OUT / f"chat_{RUN}_exact_match.json")
 )
 (OUT / f"pipeline_{RUN}_done.json").write_text(
     json.dumps({"wall_s": time.time() - t0, "acc": rep.accuracy}) + "\n"

@@ -154,7 +154,7 @@ def test_checkpoint_is_plain_data_read_with_weights_only(tmp_path: Path) -> None
 
 
 def test_non_plain_extra_state_is_refused_at_save(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match=r"checkpoint\['extra'\]\['where'\] is a pathlib"):
+    with pytest.raises(CheckpointError, match=r"checkpoint\['stage'\]\['where'\] is a pathlib"):
         train(
             _model(), lm_loss, ListBatches(_data()), None, _cfg(tmp_path / "run", max_steps=2),
             extra_state=lambda: {"where": Path("x")},

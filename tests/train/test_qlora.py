@@ -170,10 +170,11 @@ def test_merge_over_quantized_base_gives_float_model() -> None:
 
 
 def test_sft_quantize_base_requires_lora(tmp_path: Path) -> None:
+    from llama2.train.loop_config import LoopConfig
     from llama2.train.sft import SFTConfig, run_sft
 
-    cfg = SFTConfig(base=Path("base"), quantize_base="nf4", lora_rank=0, out_dir=tmp_path)
-    with pytest.raises(ConfigError, match="lora_rank"):
+    cfg = SFTConfig(base=Path("base"), quantize_base="nf4", loop=LoopConfig(out_dir=tmp_path))
+    with pytest.raises(ConfigError, match=r"add a \[lora\] table"):
         run_sft(cfg)
 
 
@@ -204,7 +205,8 @@ def test_sft_qlora_end_to_end(tmp_path: Path) -> None:
     from llama2.checkpoint.load import load_model
     from llama2.checkpoint.save import save_checkpoint
     from llama2.data.instruct_suite import generate_items, write_jsonl
-    from llama2.train.lora import load_adapter
+    from llama2.train.loop_config import LoopConfig
+    from llama2.train.lora import LoRAConfig, load_adapter
     from llama2.train.sft import SFTConfig, run_sft
 
     fixtures = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "llama2-tokenizer"
@@ -214,10 +216,13 @@ def test_sft_qlora_end_to_end(tmp_path: Path) -> None:
         Transformer(args), args, tmp_path / "base", tokenizer_path=fixtures / "tokenizer.model"
     )
     data = write_jsonl(generate_items("train", n_per_task=2, seed=0), tmp_path / "train.jsonl")
+    loop = LoopConfig(
+        out_dir=tmp_path / "out", batch_size=4, max_steps=2, lr=1e-2, warmup_steps=0, eval_every=0,
+        eval_batches=1, ckpt_every=0, progress=False,
+    )  # fmt: skip
     cfg = SFTConfig(
-        base=base, data=data, out_dir=tmp_path / "out", seq_len=128, batch_size=4, max_steps=2, lr=1e-2,
-        warmup_steps=0, eval_every=0, eval_batches=1, ckpt_every=0, progress=False, val_fraction=0.2,
-        lora_rank=4, lora_alpha=8.0, quantize_base="nf4", merge=True,
+        base=base, data=data, seq_len=128, val_fraction=0.2, lora=LoRAConfig(rank=4, alpha=8.0),
+        quantize_base="nf4", merge=True, loop=loop,
     )  # fmt: skip
     res = run_sft(cfg)
     assert res.adapter_dir is not None and res.model_dir is not None

@@ -28,6 +28,7 @@ from llama2.errors import CheckpointError, ConfigError
 from llama2.model import Transformer
 from llama2.train.code import CodePretrainConfig, run_code_pretrain
 from llama2.train.loop import LoopConfig, train
+from llama2.train.lora import LoRAConfig
 from llama2.train.metrics import MetricsLogger
 from llama2.train.pretrain import PretrainConfig, run_pretrain
 from llama2.train.sft import SFTConfig, run_sft
@@ -170,14 +171,17 @@ def sft_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base, data
 
 
-def _sft_cfg(base: Path, data: Path, out: Path, **kw: Any) -> SFTConfig:
-    fields: dict[str, Any] = dict(
-        base=base, data=data, out_dir=out, seq_len=64, batch_size=2, max_steps=2, lr=1e-3,
-        warmup_steps=0, eval_every=0, eval_batches=1, ckpt_every=0, progress=False, val_fraction=0.2,
-        lora_rank=4, device="cpu",
+def _sft_cfg(
+    base: Path, data: Path, out: Path, *, resume: bool = False, lora_rank: int = 4, max_steps: int = 2
+) -> SFTConfig:
+    loop = LoopConfig(
+        out_dir=out, batch_size=2, max_steps=max_steps, lr=1e-3, warmup_steps=0, eval_every=0,
+        eval_batches=1, ckpt_every=0, progress=False, device="cpu",
     )  # fmt: skip
-    fields.update(kw)
-    return SFTConfig(**fields)
+    return SFTConfig(
+        base=base, data=data, seq_len=64, val_fraction=0.2, resume=resume, lora=LoRAConfig(rank=lora_rank),
+        loop=loop,
+    )  # fmt: skip
 
 
 def test_sft_resume_with_changed_lora_rank_changes_no_file(

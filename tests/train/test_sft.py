@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from llama2.config import ModelArgs
 from llama2.data.instruct_suite import generate_items, write_jsonl
 from llama2.errors import ConfigError
 from llama2.model import Transformer
-from llama2.train.lora import load_adapter
+from llama2.train.loop_config import LoopConfig
+from llama2.train.lora import LoRAConfig, load_adapter
 from llama2.train.sft import SFTConfig, run_sft
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "llama2-tokenizer"
@@ -33,13 +35,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base, data
 
 
-def _cfg(base: Path, data: Path, out: Path, **kw: object) -> SFTConfig:
-    fields: dict[str, object] = dict(
-        base=base, data=data, out_dir=out, seq_len=128, batch_size=4, max_steps=3, lr=1e-3,
-        warmup_steps=0, eval_every=0, eval_batches=2, ckpt_every=0, progress=False, val_fraction=0.2,
+def _cfg(base: Path, data: Path, out: Path, **kw: Any) -> SFTConfig:
+    loop = LoopConfig(
+        out_dir=out, batch_size=4, max_steps=3, lr=1e-3, warmup_steps=0, eval_every=0, eval_batches=2,
+        ckpt_every=0, progress=False,
     )  # fmt: skip
-    fields.update(kw)
-    return SFTConfig(**fields)  # type: ignore[arg-type]
+    fields: dict[str, Any] = dict(base=base, data=data, seq_len=128, val_fraction=0.2, loop=loop)
+    return SFTConfig(**(fields | kw))
 
 
 def test_full_finetune(setup: tuple[Path, Path], tmp_path: Path) -> None:
@@ -62,7 +64,7 @@ def test_full_finetune(setup: tuple[Path, Path], tmp_path: Path) -> None:
 
 def test_lora_adapters_and_merge(setup: tuple[Path, Path], tmp_path: Path) -> None:
     base, data = setup
-    res = run_sft(_cfg(base, data, tmp_path / "lora", lora_rank=4, lora_alpha=8.0, merge=True))
+    res = run_sft(_cfg(base, data, tmp_path / "lora", lora=LoRAConfig(rank=4, alpha=8.0), merge=True))
     assert res.adapter_dir is not None and res.model_dir is not None
     assert res.n_trainable == 1 * 2 * 4 * (16 + 16)  # wq and wv of one layer: A (4, 16) + B (16, 4)
     assert {p.name for p in res.adapter_dir.iterdir()} == {"adapter.safetensors", "adapter_config.json"}

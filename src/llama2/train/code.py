@@ -6,14 +6,14 @@
    default) and hold out the files whose name hashes into `heldout_fraction` (`llama2.data.fim`);
 2. train a SentencePiece tokenizer with Llama 2's settings on the training files, with Code Llama's
    `▁<PRE>` `▁<MID>` `▁<SUF>` `▁<EOT>` as extra pieces (`llama2.train.tokenizer`) — or use `tokenizer`;
-3. cut the files into documents of at most `max_chars` characters and train with `llama2.train.loop`
+3. cut the files into documents of at most `max_chars` characters and train (`llama2.train.trainer.fit`)
    on FIM examples (`llama2.data.fim.FIMBatches`: `fim_rate` of documents as PSM/SPM infilling, new
    cuts every epoch), validating on the held-out files;
 4. write the model (our format: `params.json`, `model.safetensors`, `tokenizer.model`) to
    `<out_dir>/model` and a `summary.json`.
 
 `config.toml`, `params.json` and `files.json` (the file split) are written to `<out_dir>` only once
-`train` has checked the run folder and the checkpoint to resume, so a refused run changes no file.
+`fit` has checked the run folder and the checkpoint to resume, so a refused run changes no file.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from llama2.model import Transformer
 from llama2.runtime import resolve_device
 from llama2.tokenizer import Tokenizer
 from llama2.train.checkpointing import prepare_run_dir, write_text_atomic
-from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, train
+from llama2.train.loop import LoopConfig, LossStage, TrainResult, config_to_dict
 from llama2.train.pretrain import (
     init_weights,
     lm_loss,
@@ -43,6 +43,7 @@ from llama2.train.pretrain import (
     write_run_files,
 )
 from llama2.train.tokenizer import TokenizerTrainConfig, train_tokenizer
+from llama2.train.trainer import fit
 
 
 @dataclass
@@ -138,7 +139,8 @@ def run_code_pretrain(cfg: CodePretrainConfig) -> CodePretrainResult:
         write_run_files(folder, cfg, args)
         write_text_atomic(folder / "files.json", json.dumps(files, indent=1) + "\n")
 
-    result = train(model, lm_loss, batches, val, loop_cfg, resume=cfg.resume, on_start=on_start)
+    stage = LossStage(model, lm_loss, batches, val, compile=loop_cfg.compile)
+    result = fit(stage, loop_cfg, resume=cfg.resume, on_start=on_start)
 
     model_dir = save_model(model, args, out_dir / "model", tok_path, save_dtype)
     summary = {

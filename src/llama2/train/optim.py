@@ -80,7 +80,19 @@ def build_optimizer(
     if trainable is not None:
         wanted = {id(p) for p in trainable}
         named = [(n, p) for n, p in named if id(p) in wanted]
-    groups = [g for g in param_groups(named, cfg.weight_decay) if g["params"]]
+    return build_optimizer_named(named, cfg)
+
+
+def build_optimizer_named(named: Iterable[tuple[str, nn.Parameter]], cfg: OptimSettings) -> torch.optim.AdamW:
+    """AdamW over named parameters (those with requires_grad), split by `param_groups`; parameters
+    listed twice (shared between models) are optimised once."""
+    seen: set[int] = set()
+    unique = []
+    for n, p in named:
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique.append((n, p))
+    groups = [g for g in param_groups(unique, cfg.weight_decay) if g["params"]]
     if not groups:
         raise ConfigError("no trainable parameters: every parameter has requires_grad=False")
     fused = None

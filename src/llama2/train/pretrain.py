@@ -31,7 +31,8 @@ from llama2.errors import ConfigError
 from llama2.model import Transformer
 from llama2.runtime import resolve_device
 from llama2.train.checkpointing import prepare_run_dir, write_text_atomic
-from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, save_resolved_config, train
+from llama2.train.loop import LoopConfig, LossStage, TrainResult, config_to_dict, save_resolved_config
+from llama2.train.trainer import fit
 
 IGNORE_INDEX = -100
 
@@ -199,7 +200,7 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 def write_run_files(out_dir: Path, cfg: Any, args: ModelArgs | None = None) -> None:
     """`config.toml` (the resolved config) and, given a shape, `params.json` in the run folder.
 
-    Passed to `train` as `on_start`, so they are written only after the run folder and the
+    Passed to `fit` as `on_start`, so they are written only after the run folder and the
     checkpoint to resume have been checked: a refused run leaves the previous ones untouched."""
     save_resolved_config(cfg, out_dir)
     if args is not None:
@@ -231,10 +232,10 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     loop_cfg = cfg.loop_config()
     batches = PackedBatches(train_set, loop_cfg.batch_size, seed=cfg.seed)
     val_batches = SequentialBatches(val_set, loop_cfg.batch_size) if val_set is not None else None
-    result = train(
-        model, lm_loss, batches, val_batches, loop_cfg, resume=cfg.resume,
-        on_start=lambda folder: write_run_files(folder, cfg, args),
-    )  # fmt: skip
+    stage = LossStage(model, lm_loss, batches, val_batches, compile=loop_cfg.compile)
+    result = fit(
+        stage, loop_cfg, resume=cfg.resume, on_start=lambda folder: write_run_files(folder, cfg, args)
+    )
 
     model_dir = save_model(model, args, out_dir / "model", Path(cfg.tokenizer), save_dtype)
     if cfg.export_hf:

@@ -81,9 +81,11 @@ def restore_training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     data: Any,
     config: Mapping[str, Any],
+    other_models: Mapping[str, nn.Module] | None = None,
 ) -> tuple[int, int]:
     """Check that a loaded checkpoint fits this run, then restore model, optimizer, scheduler, data
-    position and RNG states. Returns (step, tokens_seen).
+    position and RNG states. Returns (step, tokens_seen). `model` is the checkpoint's `model`;
+    `other_models` are the further trained models of a multi-model stage, saved under `models`.
 
     Raises:
         CheckpointError: one line naming what differs (model shape, tensors, trainable parameters,
@@ -91,9 +93,20 @@ def restore_training_state(
     """
     name = path.name
     _check_model_fits(state, name, model)
+    others = dict(other_models or {})
+    saved_models = state.get("models", {})
+    if not isinstance(saved_models, dict) or sorted(saved_models) != sorted(others):
+        have = sorted(saved_models) if isinstance(saved_models, dict) else []
+        raise CheckpointError(
+            f"resume: checkpoint {name} trains further models {have}, this run trains {sorted(others)}; "
+            "expected the same stage"
+        )
+    for other, m in others.items():
+        _check_model_fits({"model": saved_models[other]}, f"{name} (model {other!r})", m)
     _check_optimizer_fits(state, name, optimizer)
     parts: list[tuple[str, Any, Any]] = [
         ("model", model, state["model"]),
+        *((f"model {n!r}", m, saved_models[n]) for n, m in others.items()),
         ("optimizer", optimizer, state["optimizer"]),
         ("scheduler", scheduler, state["scheduler"]),
         ("data position", data, state["data"]),

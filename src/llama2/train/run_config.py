@@ -30,17 +30,43 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def nested_config_type(hint: Any) -> type[Any] | None:
+    """The dataclass type of a nested config field (`LoopConfig`, `LoRAConfig | None`), else None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = members[0] if len(members) == 1 else None
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
 def config_from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
     """Rebuild a config dataclass from `config_to_dict` output (or a parsed TOML file): `Path` fields
-    are converted back; unknown keys raise `ConfigError`."""
+    are converted back, nested tables become their dataclass (`[loop]` -> `LoopConfig`), a class's
+    `ALIASES` map older flat keys into them; unknown keys raise `ConfigError`."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = set(fields)
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})  # older flat keys: lora_rank -> lora.rank
+    if any(k in aliases and k not in names for k in data):
+        nested: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+        for key in [k for k in data if k in aliases and k not in names]:
+            table, sub_key = aliases[key].split(".", 1)
+            if not isinstance(nested.setdefault(table, {}), dict):
+                raise ConfigError(f"{cls.__name__}: {table!r} must be a table, got {nested[table]!r}")
+            nested[table].setdefault(sub_key, nested.pop(key))
+        data = nested
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} keys {unknown}; expected some of {sorted(names)}")
     kwargs: dict[str, Any] = {}
     for k, v in data.items():
         hint = hints[k]
+        sub = nested_config_type(hint)
+        if sub is not None and isinstance(v, Mapping):  # missing keys: the field's default, e.g. SFT's loop
+            factory = fields[k].default_factory
+            default = None if factory is dataclasses.MISSING else factory()
+            start = config_to_dict(default) if dataclasses.is_dataclass(default) else {}
+            kwargs[k] = config_from_dict(sub, {**start, **v})
+            continue
         is_path = hint is Path or (
             typing.get_origin(hint) in (typing.Union, types.UnionType) and Path in typing.get_args(hint)
         )

@@ -6,27 +6,38 @@
 2. read the dialogs (`llama2.data.sft.load_dialogs`), encode them in the Llama 2-Chat format with the
    answer-only loss mask, and pack several per row (`llama2.data.sft`; attention may cross dialogs,
    see there); hold out `val_fraction` of them (or read `val_data`);
-3. with `lora_rank > 0`, swap the `lora_targets` linears for `LoRALinear` and train only the
-   adapters; else train every weight. With `quantize_base = "nf4"` (QLoRA) the base is loaded
-   quantized (`load_model(..., quantize=...)`, any `llama2.quant` scheme) and stays so: only the
-   float32 adapters train, gradients flow through the frozen 4-bit layers (`llama2.train.lora`);
-   it requires `lora_rank > 0`;
-4. run `llama2.train.loop.train` with `sft_loss` (mean cross-entropy over answer tokens);
+3. with a `lora` table (`SFTConfig.lora`, a `LoRAConfig`), swap its `target_modules` linears for
+   `LoRALinear` and train only the adapters; else train every weight. With `quantize_base = "nf4"`
+   (QLoRA) the base is loaded quantized (`load_model(..., quantize=...)`, any `llama2.quant` scheme)
+   and stays so: only the float32 adapters train, gradients flow through the frozen 4-bit layers
+   (`llama2.train.lora`); it requires the `lora` table;
+4. run the trainer (`llama2.train.trainer.fit`) on a `LossStage` with `sft_loss` (mean cross-entropy
+   over answer tokens), with the settings of the `loop` table;
 5. save: full fine-tuning writes the model to `<out_dir>/model`; LoRA writes the adapters to
    `<out_dir>/adapter` (`adapter.safetensors` + `adapter_config.json`) and, with `merge = true`,
    also the merged full model to `<out_dir>/model` (over a quantized base: every layer dequantized,
    a float checkpoint in `save_dtype`; re-quantize it with `llama2 quantize` if wanted).
 
 Defaults follow the paper's SFT recipe (lr 2e-5, cosine schedule, weight decay 0.1, 2 epochs) except
-where a small model needs otherwise — set `lr`, `max_steps` in the config.
+where a small model needs otherwise — set `lr`, `max_steps` in the `[loop]` table. The config nests::
+
+    base = "runs/base/model"
+    data = "dialogs.jsonl"
+    [lora]
+    rank = 8
+    [loop]
+    lr = 1e-4
+    max_steps = 200
+
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -45,7 +56,7 @@ from llama2.errors import ConfigError
 from llama2.runtime import resolve_device
 from llama2.tokenizer import Tokenizer
 from llama2.train.checkpointing import prepare_run_dir
-from llama2.train.loop import LoopConfig, TrainResult, config_to_dict, train
+from llama2.train.loop import LoopConfig, LossStage, TrainResult, config_to_dict
 from llama2.train.lora import (
     LoRAConfig,
     apply_lora,
@@ -55,36 +66,56 @@ from llama2.train.lora import (
     save_adapter,
 )
 from llama2.train.pretrain import parse_save_dtype, save_model, write_json, write_run_files
+from llama2.train.trainer import fit
+
+
+def _sft_loop() -> LoopConfig:
+    """The loop defaults of SFT: the paper's SFT learning rate 2e-5, a short warmup."""
+    return LoopConfig(lr=2e-5, warmup_steps=10)
 
 
 @dataclass
-class SFTConfig(LoopConfig):
-    """`llama2 train sft`: every LoopConfig field, plus data, base model and LoRA fields."""
+class SFTConfig:
+    """`llama2 train sft`: data and base model fields, a `[lora]` table (LoRA; absent: full
+    fine-tuning) and a `[loop]` table (optimizer, schedule, checkpoints; `--loop.lr 1e-4`)."""
 
-    base: Path = Path("base")  # base checkpoint (folder or file, any supported format)
-    data: Path = Path("sft.jsonl")  # JSONL of {"messages": [{"role", "content"}, ...]}
-    val_data: Path | None = None  # held-out dialogs; None: hold out val_fraction of `data`
+    base: Path = field(
+        default=Path("base"), metadata={"help": "base checkpoint (folder or file, any supported format)"}
+    )
+    data: Path = field(
+        default=Path("sft.jsonl"), metadata={"help": 'JSONL of {"messages": [{"role", "content"}, ...]}'}
+    )
+    val_data: Path | None = field(
+        default=None, metadata={"help": "held-out dialogs; none: hold out val_fraction of `data`"}
+    )
     val_fraction: float = 0.05
-    tokenizer: Path | None = None  # default: the tokenizer.model next to the base checkpoint
-    seq_len: int = 0  # packed row length; 0: the base model's max_seq_len
-    lora_rank: int = 0  # 0: full fine-tuning; > 0: LoRA with this rank
-    lora_alpha: float = 16.0  # LoRA update scale numerator (scale = alpha / rank)
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wv"])  # linears that get adapters
-    quantize_base: str | None = None  # QLoRA: load the base quantized ("nf4"); needs lora_rank > 0
-    merge: bool = False  # LoRA only: also write the merged full model to <out_dir>/model
-    save_dtype: str = "float32"  # dtype of saved full models: float32 | bfloat16 | float16
-    resume: bool = False  # continue from <out_dir>/checkpoints/latest
-    lr: float = 2e-5  # the paper's SFT learning rate
-    warmup_steps: int = 10
+    tokenizer: Path | None = field(
+        default=None, metadata={"help": "default: the tokenizer.model next to the base checkpoint"}
+    )
+    seq_len: int = field(default=0, metadata={"help": "packed row length; 0: the base model's max_seq_len"})
+    quantize_base: str | None = field(
+        default=None, metadata={"help": 'QLoRA: load the base quantized ("nf4"); needs a [lora] table'}
+    )
+    merge: bool = field(
+        default=False, metadata={"help": "LoRA only: also write the merged full model to <out_dir>/model"}
+    )
+    save_dtype: str = field(
+        default="float32", metadata={"help": "dtype of saved full models: float32 | bfloat16 | float16"}
+    )
+    resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/checkpoints/latest"})
+    lora: LoRAConfig | None = field(
+        default=None, metadata={"help": "LoRA adapters ([lora] table, --lora.rank 8); none: full fine-tuning"}
+    )
+    loop: LoopConfig = field(default_factory=_sft_loop, metadata={"help": "the training loop ([loop] table)"})
 
-    def lora_config(self) -> LoRAConfig | None:
-        if self.lora_rank <= 0:
-            return None
-        return LoRAConfig(
-            rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-            target_modules=list(self.lora_targets),
-        )  # fmt: skip
+    # Flat flags and keys of earlier versions (`--lora-rank 8`, `--lr 1e-4`), mapped to nested fields.
+    ALIASES: ClassVar[dict[str, str]] = {
+        **{f.name: f"loop.{f.name}" for f in dataclasses.fields(LoopConfig)},
+        "lora_rank": "lora.rank",
+        "lora_alpha": "lora.alpha",
+        "lora_dropout": "lora.dropout",
+        "lora_targets": "lora.target_modules",
+    }
 
 
 @dataclass
@@ -129,19 +160,21 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
         ConfigError: bad settings, no tokenizer found, or rows longer than the model's context.
         CheckpointError / DialogError: unreadable base checkpoint or malformed dialogs.
     """
-    resolve_device(cfg.device)  # a device this machine lacks fails now, not after data preparation
-    out_dir = prepare_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    loop_cfg = cfg.loop
+    resolve_device(loop_cfg.device)  # a device this machine lacks fails now, not after data preparation
+    out_dir = prepare_run_dir(loop_cfg.out_dir, resume=cfg.resume, overwrite=loop_cfg.overwrite)
     save_dtype = parse_save_dtype(cfg.save_dtype)
-    lora_cfg = cfg.lora_config()
+    lora_cfg = cfg.lora
     if cfg.merge and lora_cfg is None:
         raise ConfigError(
-            "merge = true needs LoRA (lora_rank > 0); full fine-tuning already saves a full model"
+            "merge = true needs LoRA (a [lora] table, e.g. --lora.rank 8); full fine-tuning already saves "
+            "a full model"
         )
 
     if cfg.quantize_base is not None and lora_cfg is None:
         raise ConfigError(
             f"quantize_base = {cfg.quantize_base!r} (QLoRA) trains LoRA adapters over a frozen quantized "
-            "base; set lora_rank > 0 (e.g. 8), or drop quantize_base for full fine-tuning"
+            "base; add a [lora] table (e.g. --lora.rank 8), or drop quantize_base for full fine-tuning"
         )
     if cfg.quantize_base is not None:
         loaded = load_model(cfg.base, dtype=torch.float32, progress=False, quantize=cfg.quantize_base)
@@ -166,9 +199,8 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
     if cfg.val_data is not None:
         train_ex, val_ex = examples, encode_examples(load_dialogs(cfg.val_data), tokenizer)
     else:
-        train_ex, val_ex = split_examples(examples, cfg.val_fraction, cfg.seed)
-    loop_cfg = cfg.loop_config()
-    batches = SFTBatches(train_ex, seq_len, loop_cfg.batch_size, seed=cfg.seed, pad_id=pad_id)
+        train_ex, val_ex = split_examples(examples, cfg.val_fraction, loop_cfg.seed)
+    batches = SFTBatches(train_ex, seq_len, loop_cfg.batch_size, seed=loop_cfg.seed, pad_id=pad_id)
     val_batches = fixed_sft_batches(val_ex, seq_len, loop_cfg.batch_size, pad_id) if val_ex else None
     _, stats = pack_examples(train_ex, seq_len, pad_id)
 
@@ -187,10 +219,10 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
         f"{n_trainable:,} trainable parameters",
         flush=True,
     )
-    result = train(
-        model, sft_loss, batches, val_batches, loop_cfg, resume=cfg.resume, trainable=trainable,
-        on_start=lambda folder: write_run_files(folder, cfg),  # after the folder/resume checks
-    )  # fmt: skip
+    stage = LossStage(model, sft_loss, batches, val_batches, trainable=trainable, compile=loop_cfg.compile)
+    result = fit(  # config.toml is written by on_start, after the folder/resume checks
+        stage, loop_cfg, resume=cfg.resume, on_start=lambda folder: write_run_files(folder, cfg)
+    )
 
     model.cpu()
     model_dir: Path | None = None

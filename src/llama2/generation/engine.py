@@ -27,6 +27,10 @@ Batch invariance (a request gives the same tokens alone or under load):
     over a longer masked key range (~1e-7 differences), far below the gaps decoding decides on;
   - each sequence samples from its own generator (`sampling.seeded_generator`, the rule the
     `Generator` follows too; an unseeded sequence gets a random seed).
+
+`EngineConfig(lockstep=True, caller_cache=True, global_rng=True)` is Meta's `generate` instead
+(`lockstep.LockstepBatch`), which `Generator` drives: same sampling, logprob and stop code, Meta's
+batch schedule and random-number order.
 """
 
 from __future__ import annotations
@@ -53,9 +57,11 @@ from llama2.generation.engine_types import (
     SequenceFailed,
     SequenceSpec,
 )
+from llama2.generation.lockstep import LockstepBatch, end_lockstep, lockstep_step
 from llama2.generation.logprobs import token_logprobs
 from llama2.generation.sampling import NEG_INF, finite_logits, process_logits, sample_tokens
-from llama2.generation.sequence import GenerationResult, TokenEvent
+from llama2.generation.sequence import Detokenizer, GenerationResult, TokenEvent
+from llama2.generation.slot_state import SlotSamplingState
 from llama2.scheduling import admit_count, plan_prefill
 from llama2.tokenizer import Tokenizer
 
@@ -95,20 +101,26 @@ class StepEngine:
         tokenizer: Tokenizer,
         config: EngineConfig | None = None,
         metrics: EngineMetrics | None = None,
+        *,
+        decode_step: DecodeStep | None = None,
     ) -> None:
-        """Allocate the KV cache (`max_slots` + 1 scratch row) and the per-slot sampling state.
+        """Allocate the KV cache (`max_slots` + 1 scratch row, unless `config.caller_cache`) and the
+        per-slot sampling state. `decode_step`: a (compiled) decode step to share with other callers
+        (default: one built from `config.compile`, or eager decoding).
 
         Raises:
-            GenerationError: the tokenizer's vocabulary is larger than the model's.
+            GenerationError: the tokenizer's vocabulary is larger than the model's, or the caller's
+                cache is missing or too small.
         """
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.metrics = metrics
         args = model.args
-        if tokenizer.vocab_size > args.vocab_size:
+        pieces = getattr(tokenizer, "vocab_size", 0)  # a caller's minimal tokenizer may not say
+        if pieces > args.vocab_size:
             raise GenerationError(
-                f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is "
+                f"tokenizer has {pieces} pieces but the model's vocabulary is "
                 f"{args.vocab_size}; expected the tokenizer that belongs to the model"
             )
         self.vocab_size = args.vocab_size
@@ -116,14 +128,18 @@ class StepEngine:
         self.device = model.tok_embeddings.weight.device
         n = self.config.max_slots
         self.scratch_slot = n  # padding rows of decode batches write here
-        model.setup_caches(n + 1, self.max_seq_len, dtype=self.config.cache_dtype)
+        if self.config.caller_cache:
+            if not self.config.lockstep:  # lockstep checks its rows when a batch starts
+                self._check_cache(n + 1, self.max_seq_len)
+        else:
+            model.setup_caches(n + 1, self.max_seq_len, dtype=self.config.cache_dtype)
         # The compiled decode step (the Generator's too), when asked for: checks the mode.
-        self.decode_step = DecodeStep(model, compile=self.config.compile) if self.config.compile else None
+        if decode_step is None and self.config.compile:
+            decode_step = DecodeStep(model, compile=self.config.compile)
+        self.decode_step = decode_step
+        self._lockstep: LockstepBatch | None = None  # the running lockstep batch
         self._free_slots: list[int] = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
-        # Per-slot sampling state, allocated on first use: (slots + 1, V) each.
-        self._seen: Tensor | None = None
-        self._counts: Tensor | None = None
-        self._bias: Tensor | None = None
+        self._state = SlotSamplingState(n + 1, self.vocab_size, self.device)  # penalties, logit_bias
         self._waiting: deque[EngineSequence] = deque()
         self._running: list[EngineSequence] = []  # hold a slot: prefilling or decoding
 
@@ -153,10 +169,15 @@ class StepEngine:
                     f"logit_bias token id {tok} is outside the vocabulary [0, {self.vocab_size})"
                 )
 
-    def new_sequence(self, owner: object, index: int, spec: SequenceSpec) -> EngineSequence:
-        """A checked sequence for `add` (GenerationError if the spec does not fit)."""
+    def new_sequence(
+        self, owner: object, index: int, spec: SequenceSpec, detok: Detokenizer | None = None
+    ) -> EngineSequence:
+        """A checked sequence for `add` (GenerationError if the spec does not fit); `detok`: its
+        streaming detokenizer (default: the tokenizer's)."""
         self.check_spec(spec)
-        return EngineSequence(owner, index, spec, self.tokenizer, self.device)
+        return EngineSequence(
+            owner, index, spec, self.tokenizer, self.device, detok=detok, global_rng=self.config.global_rng
+        )
 
     def add(self, seqs: list[EngineSequence]) -> None:
         """Queue sequences for a slot (admitted at the next step, in order)."""
@@ -181,7 +202,7 @@ class StepEngine:
         return dropped
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._lockstep is not None)
 
     def free_slots(self) -> int:
         return len(self._free_slots)
@@ -189,6 +210,9 @@ class StepEngine:
     def step(self) -> Outbox:
         """Admit, decode, prefill once; returns what the step produced, in order."""
         out: Outbox = []
+        if self.config.lockstep:
+            lockstep_step(self, out)
+            return out
         self._admit(out)
         decoding = [s for s in self._running if s.prefilled and not s.finished]
         if decoding:
@@ -240,7 +264,18 @@ class StepEngine:
             if not seq.finished:
                 self._fail(seq, message, out)
         self._running = []
+        end_lockstep(self)
         return out
+
+    # ------------------------------------------------------------------ lockstep (Meta's schedule)
+    def _check_cache(self, rows: int, length: int) -> None:
+        cache = self.model.cache
+        if cache is None or cache.max_batch_size < rows or cache.max_seq_len < length:
+            have = "none" if cache is None else f"{cache.max_batch_size} x {cache.max_seq_len}"
+            raise GenerationError(
+                f"the model's KV cache ({have}) is too small; expected at least {rows} rows of "
+                f"{length} positions (call setup_caches first)"
+            )
 
     # ------------------------------------------------------------------ model steps
     def _admit(self, out: Outbox) -> None:
@@ -319,80 +354,74 @@ class StepEngine:
         self._sample_and_emit(seqs, logits, out)
 
     # ------------------------------------------------------------------ sampling
-    def _state_rows(self, kind: str) -> Tensor:
-        rows = self.config.max_slots + 1
-        if kind == "seen":
-            if self._seen is None:
-                self._seen = torch.zeros(rows, self.vocab_size, dtype=torch.bool, device=self.device)
-            return self._seen
-        if kind == "counts":
-            if self._counts is None:
-                self._counts = torch.zeros(rows, self.vocab_size, dtype=torch.int32, device=self.device)
-            return self._counts
-        if self._bias is None:
-            self._bias = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=self.device)
-        return self._bias
-
     def _init_slot_state(self, seq: EngineSequence) -> None:
-        p = seq.spec.params
-        slot = seq.slot
-        if slot is None:
+        if seq.slot is None:
             raise RuntimeError("internal error: a sequence's sampling state set up before its slot")
-        if p.repetition_penalty != 1.0:
-            seen = self._state_rows("seen")
-            seen[slot] = False
-            seen[slot, torch.tensor(seq.spec.prompt, dtype=torch.long, device=self.device)] = True
-        if p.presence_penalty or p.frequency_penalty:
-            self._state_rows("counts")[slot] = 0
-        if p.logit_bias:
-            bias = self._state_rows("bias")
-            bias[slot] = 0.0
-            for tok, value in p.logit_bias.items():
-                bias[slot, int(tok)] = float(value)
+        self._state.reset(seq.slot, seq.spec.prompt, seq.spec.params)
 
-    def _sample_and_emit(self, seqs: list[EngineSequence], logits: Tensor, out: Outbox) -> None:
-        """Sample one token per row of raw logits (B, V) and pass it to each sequence's stop rules."""
+    def _sample_and_emit(
+        self,
+        seqs: list[EngineSequence],
+        logits: Tensor,
+        out: Outbox,
+        *,
+        slots: list[int] | None = None,
+        active: list[bool] | None = None,
+        forced: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Sample one token per row of raw logits (B, V) and pass it to each sequence's stop rules.
+
+        Args:
+            seqs: the rows' sequences.
+            logits: (B, V) raw logits.
+            out: where the items go.
+            slots: the rows' sampling-state rows (default: each sequence's slot).
+            active: rows that really generate (default all); the others take part in a batch-wide
+                draw (Meta's order) but emit nothing and keep their penalty state.
+            forced: (mask (B,) bool, tokens (B,)): where mask is True the row takes that token
+                instead of the sample (lockstep rows still inside their prompt).
+
+        Returns:
+            (B,) int64 the chosen (or forced) token of every row.
+        """
         params = [s.spec.params for s in seqs]
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # (B,)
-        uses = (
-            any(p.repetition_penalty != 1.0 for p in params),
-            any(p.presence_penalty or p.frequency_penalty for p in params),
-            any(p.logit_bias for p in params),
-        )
-        x = process_logits(
-            logits,
-            params,
-            self._state_rows("seen")[slots] if uses[0] else None,  # (B, V)
-            self._state_rows("counts")[slots] if uses[1] else None,  # (B, V)
-            self._state_rows("bias")[slots] if uses[2] else None,  # (B, V)
-        )
+        act = active if active is not None else [True] * len(seqs)
+        slot_ids = slots if slots is not None else [s.slot for s in seqs]
+        slots_t = torch.tensor(slot_ids, dtype=torch.long, device=self.device)  # (B,)
+        x = process_logits(logits, params, *self._state.gather(slots_t, params))  # (B, V)
         x = finite_logits(x)  # (B, V): NaN never chosen, +inf rows reduced to their +inf tokens
         # A row with no token left (everything banned, or NaN logits) fails alone; the rest go on.
-        dead = (x == NEG_INF).all(dim=-1).tolist()  # (B,)
-        if any(dead):  # a placeholder distribution; the row's token is never used
-            x = x.masked_fill(torch.tensor(dead, device=self.device)[:, None], 0.0)
-        chosen = sample_tokens(x, params, [s.generator for s in seqs], [not d for d in dead])  # (B,)
+        empty = (x == NEG_INF).all(dim=-1).tolist()  # (B,)
+        if any(empty):  # a placeholder distribution; the row's token is never used
+            x = x.masked_fill(torch.tensor(empty, device=self.device)[:, None], 0.0)
+        dead = [e and a for e, a in zip(empty, act, strict=True)]
+        live = [a and not d for a, d in zip(act, dead, strict=True)]
+        chosen = sample_tokens(x, params, [s.generator for s in seqs], live)  # (B,)
+        if forced is not None:
+            chosen = torch.where(forced[0], forced[1], chosen)  # (B,)
         tokens = chosen.tolist()
 
         lps: list[float | None] = [None] * len(seqs)
         tops: list[dict[int, float] | None] = [None] * len(seqs)
-        lp_rows = [i for i, s in enumerate(seqs) if s.spec.logprobs is not None]
+        lp_rows = [i for i, s in enumerate(seqs) if s.spec.logprobs is not None and act[i]]
         if lp_rows:
             ks = [seqs[i].spec.logprobs or 0 for i in lp_rows]
             got, got_tops = token_logprobs(logits[lp_rows], chosen[lp_rows], ks)
             for j, i in enumerate(lp_rows):
                 lps[i], tops[i] = got[j], got_tops[j]
 
-        # Penalty state: the token is now part of the sequence.
-        if self._seen is not None or self._counts is not None:
-            if self._seen is not None:
-                self._seen[slots, chosen] = True
-            if self._counts is not None:
-                self._counts[slots, chosen] += 1
+        # Penalty state: the token is now part of the sequence (rows that generated it only).
+        if all(live):
+            self._state.record(slots_t, chosen)
+        else:
+            keep = torch.tensor(live, device=self.device)  # (B,)
+            self._state.record(slots_t[keep], chosen[keep])
 
         now = time.monotonic()
         n_ok = 0
-        for seq, tok, lp, top, is_dead in zip(seqs, tokens, lps, tops, dead, strict=True):
+        for seq, tok, lp, top, is_dead, is_active in zip(seqs, tokens, lps, tops, dead, act, strict=True):
+            if not is_active:
+                continue
             if is_dead:
                 self._fail(
                     seq,
@@ -421,6 +450,7 @@ class StepEngine:
         if self.metrics is not None and n_ok:
             self.metrics.generation_tokens.inc(n_ok)
             self.metrics.generated_rate.add(n_ok, now)
+        return chosen
 
     def _accept_token(
         self, seq: EngineSequence, token: int, logprob: float | None, top: dict[int, float] | None

@@ -14,7 +14,13 @@ import torch
 
 from llama2.errors import GenerationError
 from llama2.generation.sampling import SamplingParams, seeded_generator
-from llama2.generation.sequence import GenerationResult, InfillDetokenizer, SequenceState, TokenEvent
+from llama2.generation.sequence import (
+    Detokenizer,
+    GenerationResult,
+    InfillDetokenizer,
+    SequenceState,
+    TokenEvent,
+)
 from llama2.tokenizer import StreamingDetokenizer, Tokenizer
 
 
@@ -62,6 +68,16 @@ class EngineConfig:
         compile: decode through `decode.DecodeStep` compiled with this `torch.compile` mode (one of
             `decode.COMPILE_MODES`); decode batches are then padded to `max_slots` rows, so one graph
             serves every step. None: eager decoding.
+        caller_cache: run in the model's existing KV cache (the caller sets it up, e.g. Meta's
+            `max_batch_size` rows) instead of allocating `max_slots + 1` rows.
+        global_rng: an unseeded sequence draws from torch's global generator instead of a randomly
+            seeded one of its own; when every row of a step is unseeded, one draw covers the whole
+            batch in row order (Meta's order, reproducible after `torch.manual_seed`).
+        lockstep: Meta's `generate` schedule (`lockstep.LockstepBatch`): the sequences waiting at a
+            step are admitted together (at most `max_slots`) into cache rows 0..B-1, prefilled
+            together up to the shortest prompt, then advanced one position per step for every row,
+            a row still inside its prompt keeping its prompt token. The next batch starts when this
+            one has ended.
     """
 
     max_slots: int = 8
@@ -72,14 +88,17 @@ class EngineConfig:
     min_decode_rows: int = 4
     cache_dtype: torch.dtype | None = None
     compile: str | None = None
+    caller_cache: bool = False
+    global_rng: bool = False
+    lockstep: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_slots", "max_queue", "prefill_chunk", "prefill_budget", "min_decode_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise GenerationError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
-        if self.max_seq_len is not None and self.max_seq_len < 2:
-            raise GenerationError(f"EngineConfig.max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise GenerationError(f"EngineConfig.max_seq_len must be >= 1, got {self.max_seq_len}")
 
 
 @dataclass(frozen=True)
@@ -160,13 +179,24 @@ class EngineSequence:
     _ids = itertools.count()
 
     def __init__(
-        self, owner: object, index: int, spec: SequenceSpec, tokenizer: Tokenizer, device: torch.device
+        self,
+        owner: object,
+        index: int,
+        spec: SequenceSpec,
+        tokenizer: Tokenizer,
+        device: torch.device,
+        *,
+        detok: Detokenizer | None = None,
+        global_rng: bool = False,
     ) -> None:
+        """`detok`: the streaming detokenizer (default: from `tokenizer`, per `spec.infill`);
+        `global_rng`: unseeded, draw from torch's global generator (see `EngineConfig`)."""
         self.id = next(self._ids)
         self.owner = owner
         self.index = index
         self.spec = spec
-        detok = InfillDetokenizer(tokenizer) if spec.infill else StreamingDetokenizer(tokenizer)
+        if detok is None:
+            detok = InfillDetokenizer(tokenizer) if spec.infill else StreamingDetokenizer(tokenizer)
         want_lp = spec.logprobs is not None
         self.state = SequenceState(
             index,
@@ -186,8 +216,10 @@ class EngineSequence:
         self.finished = False
         self.t_submit = time.monotonic()
         self.t_first: float | None = None
-        seed = spec.params.seed if spec.params.seed is not None else secrets.randbits(63)
-        self.generator = seeded_generator(seed, device)
+        seed = spec.params.seed
+        if seed is None and not global_rng:
+            seed = secrets.randbits(63)
+        self.generator = seeded_generator(seed, device)  # None: torch's global generator
         self.want_prompt_lp = spec.echo and want_lp
         self.prompt_lp: list[float] = [0.0] * len(spec.prompt) if self.want_prompt_lp else []
         self.prompt_top: list[dict[int, float] | None] | None = (

@@ -1,31 +1,25 @@
-"""Prefill + decode loop over the model's KV cache, written as a Python generator of token events.
+"""`Generator`: batched generation as a Python generator of token events, a thin driver of the one
+step engine (`engine.StepEngine`) that the server and RL rollouts drive too.
 
-Batching follows Meta's reference: prompts are right-padded into one (B, total_len) buffer, the
-first forward covers the shortest prompt, and each later step feeds one column; a row still inside
-its prompt keeps its prompt token instead of the sample. No padding ever enters the model, so every
-row gets the tokens it would get alone.
-
-Only this lockstep schedule is the Generator's own: sampling (`Sampler` over
-`sampling.process_logits` / `sample_tokens`), seeding (`sampling.seeded_generator`), logprobs
-(`logprobs.token_logprobs`, `gather_logprobs`) and stop / holdback rules (`sequence.SequenceState`)
-are the ones the slot-based `engine.StepEngine` (the server's) runs, so a seeded request gives the
-same tokens through both. The lockstep schedule stays because unseeded sampling draws from torch's
-global generator in Meta's order (one draw over the whole batch per step), which `Llama.generate`
-reproduces after `torch.manual_seed`.
+It runs the engine in Meta's lockstep schedule (`lockstep.LockstepBatch`) inside the model's own KV
+cache (rows 0..B-1, as Meta's `max_batch_size`), with unseeded rows drawing from torch's global
+generator in Meta's order (one draw over the whole batch per step), so `Llama.generate` after
+`torch.manual_seed` gives Meta's tokens. Sampling (`sampling.process_logits` / `sample_tokens`),
+seeding (`sampling.seeded_generator`), logprobs (`logprobs`) and stop / holdback rules
+(`sequence.SequenceState`) are the engine's, so a seeded request gives the same tokens through both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
-from torch import Tensor
 
 from llama2.errors import GenerationError
 from llama2.generation.decode import DecodeStep
-from llama2.generation.logprobs import gather_logprobs, token_logprobs
-from llama2.generation.sampling import Sampler, SamplingParams
+from llama2.generation.engine import EngineConfig, SequenceFailed, SequenceSpec, StepEngine
+from llama2.generation.sampling import SamplingParams
 from llama2.generation.sequence import (
     Detokenizer,
     FinishReason,
@@ -37,6 +31,7 @@ from llama2.generation.sequence import (
 
 if TYPE_CHECKING:
     from llama2.model import Transformer
+    from llama2.tokenizer import Tokenizer
 
 # The shared types live in `sequence`; they stay importable from here.
 __all__ = [
@@ -166,19 +161,6 @@ class Generator:
         )
 
     # ------------------------------------------------------------------------------ internals
-    def _forward(self, tokens: Tensor, start_pos: int, last_only: bool) -> Tensor:
-        """Logits (B, T, V), or (B, 1, V) for the last position only (skips the head elsewhere)."""
-        model = self.model
-        if self.decode_step is not None and tokens.shape[1] == 1 and last_only:
-            positions = torch.full((tokens.shape[0],), start_pos, dtype=torch.long, device=tokens.device)
-            return self.decode_step(tokens, positions)[:, None]  # (B, 1, V)
-        if last_only and tokens.shape[1] > 1 and hasattr(model, "hidden_states"):
-            h = model.hidden_states(tokens, start_pos)[:, -1:]  # (B, 1, dim)
-            head: Tensor = model.output(h)  # (B, 1, V)
-            return head.float()
-        logits: Tensor = model(tokens, start_pos)  # (B, T, V)
-        return logits.float()
-
     def _ensure_cache(self, batch: int, length: int) -> None:
         cache = self.model.cache
         if cache is None or cache.max_batch_size < batch or cache.max_seq_len < length:
@@ -224,6 +206,7 @@ class Generator:
         echo: bool,
         rows: list[SequenceState],
     ) -> Iterator[TokenEvent]:
+        """Drive a lockstep `StepEngine` over the model's cache (rows 0..B-1) and yield its events."""
         prompts = self._validate(prompts_in, max_new_tokens, top_logprobs)
         bsz = len(prompts)
         if params is None:
@@ -234,90 +217,40 @@ class Generator:
         if isinstance(stop, str):
             stop = [stop]
         want_lp = logprobs or top_logprobs > 0
-        prompt_lp = want_lp and echo
-        stop_ids = frozenset([self.tokenizer.eos_id, *stop_token_ids])
-
-        lens = [len(p) for p in prompts]
-        limits = [min(max_new_tokens, self.max_seq_len - n) for n in lens]
-        total_len = max(n + k for n, k in zip(lens, limits, strict=True))
-        min_len = min(lens)
-        for i, p in enumerate(prompts):
-            detok = self.detokenizer_factory(self.tokenizer)
-            rows.append(
-                SequenceState(i, p, limits[i], detok, stop, stop_ids, want_lp, top_logprobs > 0, echo)
+        specs = [
+            SequenceSpec(
+                prompt=p,
+                max_tokens=min(max_new_tokens, self.max_seq_len - len(p)),
+                params=plist[i],
+                stop=tuple(stop),
+                stop_token_ids=tuple(stop_token_ids),
+                logprobs=top_logprobs if want_lp else None,
+                echo=echo,
             )
-
-        model = self.model
-        device = model.tok_embeddings.weight.device
+            for i, p in enumerate(prompts)
+        ]
+        config = EngineConfig(
+            max_slots=bsz, max_seq_len=self.max_seq_len, caller_cache=True, global_rng=True, lockstep=True
+        )
+        # The engine reads only `eos_id` from the tokenizer: the detokenizers come from the factory.
+        tokenizer = cast("Tokenizer", self.tokenizer)
+        engine = StepEngine(self.model, tokenizer, config, decode_step=self.decode_step)
+        owner = object()
+        seqs = [
+            engine.new_sequence(owner, i, spec, self.detokenizer_factory(self.tokenizer))
+            for i, spec in enumerate(specs)
+        ]
+        rows.extend(s.state for s in seqs)
+        engine.add(seqs)
         # Inference mode is entered per step, never across a `yield`: it is thread-local state and
         # must not leak into the consumer's code while the generator is suspended.
         with torch.inference_mode():
-            buf = torch.zeros(bsz, total_len, dtype=torch.long, device=device)  # (B, total_len)
-            for i, p in enumerate(prompts):
-                buf[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-            prompt_mask = (
-                torch.arange(total_len, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
-            )  # (B, total_len)
-            token_lp = torch.zeros(bsz, total_len, device=device) if prompt_lp else None  # (B, total_len)
-            sampler = Sampler(plist, model.args.vocab_size, device, prompts)
-            self._ensure_cache(bsz, total_len)
-            if token_lp is not None and min_len == total_len:
-                # Nothing to generate (every prompt fills the window): one forward for prompt logprobs.
-                logits = self._forward(buf, 0, last_only=False)  # (B, T, V)
-                token_lp[:, 1:] = gather_logprobs(logits[:, :-1], buf[:, 1:])  # (B, T-1)
-
-        for r in rows:
-            if r.limit == 0:
-                yield r.finish_without_step()
-        max_len = max(lens)
-        prev = 0
-        for cur in range(min_len, total_len):
-            if all(r.done for r in rows) and (token_lp is None or cur > max_len - 1):
-                break
+            self._ensure_cache(bsz, max(len(p) + s.max_tokens for p, s in zip(prompts, specs, strict=True)))
+        while engine.has_work():
             with torch.inference_mode():
-                events = self._step(
-                    buf, prev, cur, rows, lens, prompt_mask, sampler, token_lp, want_lp, top_logprobs
-                )
-            yield from events
-            prev = cur
-
-        if token_lp is not None:
-            lp_rows = token_lp.tolist()
-            for i, r in enumerate(rows):
-                r.result.prompt_logprobs = lp_rows[i][: lens[i]]
-
-    def _step(
-        self,
-        buf: Tensor,
-        prev: int,
-        cur: int,
-        rows: list[SequenceState],
-        lens: list[int],
-        prompt_mask: Tensor,
-        sampler: Sampler,
-        token_lp: Tensor | None,
-        want_lp: bool,
-        top_logprobs: int,
-    ) -> list[TokenEvent]:
-        """Feed buf[:, prev:cur] (positions prev..cur-1), fill column `cur`, return the events."""
-        logits = self._forward(buf[:, prev:cur], prev, last_only=token_lp is None)  # (B, T, V)
-        last = logits[:, -1]  # (B, V)
-        generating = [cur >= n and not r.done for n, r in zip(lens, rows, strict=True)]
-        sampled = sampler.sample(last, generating)  # (B,)
-        in_prompt = cur < max(lens)  # some row still reads its prompt: keep its prompt token
-        next_tok = torch.where(prompt_mask[:, cur], buf[:, cur], sampled) if in_prompt else sampled
-        buf[:, cur] = next_tok
-        if sampler.tracks_history:
-            sampler.update(next_tok, torch.tensor(generating, device=buf.device))
-        if token_lp is not None:  # Meta's echo: logprob of every token in this chunk
-            token_lp[:, prev + 1 : cur + 1] = gather_logprobs(logits, buf[:, prev + 1 : cur + 1])
-        ids = next_tok.tolist()
-        lps: list[float] | None = None
-        tops: list[dict[int, float] | None] | None = None
-        if want_lp:
-            lps, tops = token_logprobs(last, next_tok, top_logprobs)
-        return [
-            r.accept(ids[i], lps[i] if lps else None, tops[i] if tops else None)
-            for i, r in enumerate(rows)
-            if generating[i]
-        ]
+                out = engine.step()
+            for _, item in out:
+                if isinstance(item, TokenEvent):
+                    yield item
+                elif isinstance(item, SequenceFailed):
+                    raise GenerationError(f"sequence {item.index}: {item.message}")

@@ -70,6 +70,7 @@ class ServeConfig:
         max_queue: sequences that may wait for a slot before requests get 429.
         prefill_chunk: prompt tokens per prefill forward.
         prefill_budget: prompt tokens prefilled per engine step.
+        compile: decode through `torch.compile` (mode "default"; the first steps pay the compilation).
         max_body_bytes: request bodies above this get 413.
         max_prompt_tokens: prompts above this get 400 (default: the context window).
         max_sequences_per_request: cap on `n` times the number of prompts.
@@ -101,6 +102,7 @@ class ServeConfig:
     max_queue: int = 64
     prefill_chunk: int = 128
     prefill_budget: int = 256
+    compile: bool = False
     max_body_bytes: int = 4 * 1024 * 1024
     max_prompt_tokens: int | None = None
     max_sequences_per_request: int = 16
@@ -179,8 +181,8 @@ def build_app(
     if tokenizer is None:
         from llama2.checkpoint.tokenizer_path import require_tokenizer
 
-        hint = "pass one (ServeConfig.tokenizer_path / --tokenizer)"
-        tokenizer = Tokenizer.from_file(require_tokenizer(found, tokenizer_path, config.model_path, hint))
+        hint, source = "pass one (ServeConfig.tokenizer_path / --tokenizer)", config.model_path or "in memory"
+        tokenizer = Tokenizer.from_file(require_tokenizer(found, tokenizer_path, source, hint))
     model.eval()
     metrics = ServeMetrics()
     engine = Engine(
@@ -192,6 +194,7 @@ def build_app(
             max_queue=config.max_queue,
             prefill_chunk=config.prefill_chunk,
             prefill_budget=config.prefill_budget,
+            compile="default" if config.compile else None,
         ),
         metrics,
     )
@@ -424,6 +427,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="weight dtype")
     parser.add_argument("--quantize", default=None, metavar="SCHEME", help=QUANTIZE_HELP)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
     parser.add_argument("--log-level", default=d.log_level, help="uvicorn log level")
 
 
@@ -462,6 +466,7 @@ def config_from_args(ns: argparse.Namespace) -> ServeConfig:
         max_seq_len=ns.max_seq_len,
         max_queue=ns.max_queue,
         prefill_chunk=ns.prefill_chunk,
+        compile=ns.compile,
         max_body_bytes=ns.max_body_bytes,
         max_prompt_tokens=ns.max_prompt_tokens,
         chat_special_tags=ns.chat_special_tags,

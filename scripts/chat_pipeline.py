@@ -35,7 +35,7 @@ if not (OUT / "base_exact_match.json").is_file():
     print("== base model, held-out exact match", flush=True)
     run_exact_match(ExactMatchConfig(model=str(BASE), data=heldout, out_json=OUT / "base_exact_match.json"))
 cfg = SFTConfig(
-    base=BASE,
+    model=BASE,
     data=data,
     seq_len=256,
     val_fraction=0.05,

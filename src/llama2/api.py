@@ -143,6 +143,7 @@ class Llama:
             TokenizerError: no tokenizer was given or found, or it cannot be read.
         """
         from llama2.checkpoint.load import load_model
+        from llama2.checkpoint.tokenizer_path import require_tokenizer
 
         torch.manual_seed(seed)
         loaded = load_model(
@@ -153,14 +154,7 @@ class Llama:
             progress=progress,
             quantize=quantize,
         )
-        path = Path(tokenizer_path) if tokenizer_path is not None else loaded.tokenizer_path
-        if path is None:
-            candidate = Path(ckpt_dir) / "tokenizer.model"
-            if not candidate.is_file():
-                raise TokenizerError(
-                    f"no tokenizer.model found with the checkpoint {ckpt_dir}; pass tokenizer_path"
-                )
-            path = candidate
+        path = require_tokenizer(loaded.tokenizer_path, tokenizer_path, ckpt_dir, "pass tokenizer_path")
         tokenizer = Tokenizer.from_file(path)
         return Llama(loaded.model, tokenizer, max_seq_len=loaded.max_seq_len, max_batch_size=max_batch_size)
 

@@ -33,3 +33,15 @@ class GenerationError(Llama2Error, ValueError):
 
 class OutOfMemoryError(Llama2Error):
     """A model, its KV cache and activations will not fit in the memory available on the device."""
+
+
+class GGUFFormatError(Llama2Error, ValueError):
+    """A file is not a readable GGUF file (bad magic, unsupported version, truncated, corrupt)."""
+
+
+class EngineOverloadedError(Llama2Error):
+    """The engine's waiting queue is full; the client should retry later (the server answers 429)."""
+
+
+class EngineClosedError(Llama2Error):
+    """The engine is shutting down and takes no new sequences (the server answers 503)."""

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from llama2.errors import GGUFFormatError as GGUFFormatError  # defined in errors.py; re-exported
 from llama2.limits import BOUNDS, GGUF_MAX_DIM
 
 GGUF_MAGIC = b"GGUF"
@@ -33,10 +34,6 @@ GGUF_DEFAULT_ALIGNMENT = 32
 _FIXED_HEADER_BYTES = 24  # magic, uint32 version, uint64 tensor count, uint64 key-value count
 _MIN_ARRAY_BYTES = 12  # a nested array's own header: uint32 element type + uint64 count
 _MIN_STRING_BYTES = 8  # a string's uint64 length
-
-
-class GGUFFormatError(ValueError):
-    """A file is not a readable GGUF file (bad magic, unsupported version, truncated, corrupt)."""
 
 
 class _ValueType(IntEnum):

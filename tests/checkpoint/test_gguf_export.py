@@ -19,7 +19,7 @@ from llama2.checkpoint.formats import CheckpointFormat
 from llama2.checkpoint.gguf_export import export_gguf
 from llama2.checkpoint.gguf_model import dequantize_source
 from llama2.config import ModelArgs, RopeScaling
-from llama2.errors import CheckpointError, ConfigError
+from llama2.errors import CheckpointError, ConfigError, TokenizerError
 from llama2.gguf_vocab import read_gguf_header
 from llama2.model import Transformer
 from llama2.tokenizer import Tokenizer
@@ -265,7 +265,7 @@ def test_export_from_gguf_source_and_errors(checkpoint: Path, tmp_path: Path) ->
     with pytest.raises(ConfigError, match="qtype must be one of"):
         export_gguf(checkpoint, tmp_path / "x.gguf", qtype="q5_k", progress=False)
     model = random_model(ARGS)
-    with pytest.raises(CheckpointError, match="pass tokenizer_path"):
+    with pytest.raises(TokenizerError, match="pass tokenizer_path"):
         export_gguf(model, tmp_path / "x.gguf", progress=False)
     with pytest.raises(CheckpointError, match="4096 tokens but the model's vocab_size is 264"):
         export_gguf(model, tmp_path / "x.gguf", tokenizer_path=BASE_TOKENIZER, progress=False)

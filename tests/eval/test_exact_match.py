@@ -98,7 +98,7 @@ def test_model_responder_is_greedy_chat(tmp_path: Path, items: list[InstructItem
 def test_run_exact_match_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, folder = _tiny(tmp_path)
     cfg = ExactMatchConfig(
-        checkpoint=folder,
+        model=str(folder),
         n_per_task=1,
         max_new_tokens=3,
         tasks=["add", "refuse"],

@@ -173,7 +173,7 @@ def test_sft_quantize_base_requires_lora(tmp_path: Path) -> None:
     from llama2.train.loop_config import LoopConfig
     from llama2.train.sft import SFTConfig, run_sft
 
-    cfg = SFTConfig(base=Path("base"), quantize_base="nf4", loop=LoopConfig(out_dir=tmp_path))
+    cfg = SFTConfig(model=Path("base"), quantize_base="nf4", loop=LoopConfig(out_dir=tmp_path))
     with pytest.raises(ConfigError, match=r"add a \[lora\] table"):
         run_sft(cfg)
 
@@ -221,7 +221,7 @@ def test_sft_qlora_end_to_end(tmp_path: Path) -> None:
         eval_batches=1, ckpt_every=0, progress=False,
     )  # fmt: skip
     cfg = SFTConfig(
-        base=base, data=data, seq_len=128, val_fraction=0.2, lora=LoRAConfig(rank=4, alpha=8.0),
+        model=base, data=data, seq_len=128, val_fraction=0.2, lora=LoRAConfig(rank=4, alpha=8.0),
         quantize_base="nf4", merge=True, loop=loop,
     )  # fmt: skip
     res = run_sft(cfg)

@@ -179,7 +179,7 @@ def _sft_cfg(
         eval_batches=1, ckpt_every=0, progress=False, device="cpu",
     )  # fmt: skip
     return SFTConfig(
-        base=base, data=data, seq_len=64, val_fraction=0.2, resume=resume, lora=LoRAConfig(rank=lora_rank),
+        model=base, data=data, seq_len=64, val_fraction=0.2, resume=resume, lora=LoRAConfig(rank=lora_rank),
         loop=loop,
     )  # fmt: skip
 

@@ -40,7 +40,7 @@ def _cfg(base: Path, data: Path, out: Path, **kw: Any) -> SFTConfig:
         out_dir=out, batch_size=4, max_steps=3, lr=1e-3, warmup_steps=0, eval_every=0, eval_batches=2,
         ckpt_every=0, progress=False,
     )  # fmt: skip
-    fields: dict[str, Any] = dict(base=base, data=data, seq_len=128, val_fraction=0.2, loop=loop)
+    fields: dict[str, Any] = dict(model=base, data=data, seq_len=128, val_fraction=0.2, loop=loop)
     return SFTConfig(**(fields | kw))
 
 

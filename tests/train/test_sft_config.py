@@ -40,7 +40,7 @@ def test_nested_flags_keep_the_stage_loop_defaults(seen: list[SFTConfig], capsys
     assert c.lora == LoRAConfig(rank=4, alpha=16.0, dropout=0.0, target_modules=["wq", "wk"])
     assert c.loop.max_steps == 7 and c.loop.out_dir == Path("o")
     assert c.loop.lr == 2e-5 and c.loop.warmup_steps == 10  # SFT's loop defaults, not LoopConfig's 3e-4/100
-    assert c.base == Path("b")
+    assert c.model == Path("b")
 
 
 def test_without_lora_values_it_is_full_finetuning(seen: list[SFTConfig], capsys: Capture) -> None:
@@ -86,7 +86,8 @@ def test_toml_tables_and_precedence(
 def test_resolved_config_round_trips_through_toml(
     tmp_path: Path, seen: list[SFTConfig], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = SFTConfig(base=Path("b"), lora=LoRAConfig(rank=4), loop=LoopConfig(lr=1e-4, out_dir=tmp_path / "o"))
+    loop = LoopConfig(lr=1e-4, out_dir=tmp_path / "o")
+    cfg = SFTConfig(model=Path("b"), lora=LoRAConfig(rank=4), loop=loop)
     text = to_toml(config_to_dict(cfg))
     parsed = tomllib.loads(text)
     assert parsed["lora"]["rank"] == 4 and parsed["loop"]["lr"] == 1e-4 and "lora_rank" not in parsed

@@ -36,6 +36,7 @@ from llama2.checkpoint.readers import READERS
 from llama2.checkpoint.readers.common import SAFETENSORS_DTYPES
 from llama2.checkpoint.readers.llama2c import LLAMA2C_NORM_EPS, LLAMA2C_ROPE_THETA
 from llama2.checkpoint.source import CheckpointContents, TensorSource
+from llama2.checkpoint.tokenizer_path import find_tokenizer
 from llama2.config import ModelArgs
 from llama2.errors import CheckpointError, ConfigError
 from llama2.model import Transformer
@@ -73,7 +74,7 @@ class LoadedModel:
         model: the Transformer, weights assigned, in eval mode.
         args: its shape (`args.max_seq_len` is the context window; see `load_model`).
         format: the checkpoint format name (`meta`, `hf`, `llama2c`, `llama2`).
-        tokenizer_path: a `tokenizer.model` found next to the weights, else None.
+        tokenizer_path: the checkpoint's tokenizer (`llama2.checkpoint.tokenizer_path`), else None.
         metadata: string metadata stored with the weights (safetensors `__metadata__`), else empty.
         max_seq_len: the context window the caller asked for (or the checkpoint's).
         quantization: the scheme the projection layers hold (asked for, or stored in the file);
@@ -257,7 +258,7 @@ def load_model(
         model=model,
         args=args,
         format=str(contents.format),
-        tokenizer_path=_find_tokenizer(contents),
+        tokenizer_path=find_tokenizer(contents.root, contents.files, contents.format),
         metadata=dict(contents.metadata),
         max_seq_len=max_seq_len if max_seq_len is not None else args.max_seq_len,
         quantization=stored or requested,
@@ -434,14 +435,3 @@ def _check_finite(src: TensorSource, t: Tensor) -> None:
     matrices are not scanned: that would be a full extra pass over the weights)."""
     if not bool(torch.isfinite(t).all()):
         raise CheckpointError(f"{src.file}: tensor {src.name} contains NaN/inf; expected finite norm weights")
-
-
-def _find_tokenizer(contents: CheckpointContents) -> Path | None:
-    if contents.format is CheckpointFormat.GGUF:  # the vocabulary travels inside the file
-        return contents.files[0]
-    candidates = [contents.root / "tokenizer.model"]
-    if contents.format is CheckpointFormat.META:  # Meta's download puts it beside the model folders
-        candidates.append(contents.root.parent / "tokenizer.model")
-    return next((c for c in candidates if c.is_file()), None)
-
-

@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,8 +33,11 @@ Responder = Callable[[Sequence[InstructItem]], list[str]]
 class ExactMatchConfig:
     """`llama2 eval exact-match`: score a chat model on the instruction suite."""
 
-    checkpoint: Path = Path("model")  # model folder or file (any supported format)
-    tokenizer: Path | None = None  # default: the tokenizer.model next to the checkpoint
+    model: str = field(
+        default="chat",
+        metadata={"help": "chat model: checkpoint path (any format) or embedded name (base, chat, code)"},
+    )
+    tokenizer: Path | None = None  # default: the checkpoint's (see llama2.checkpoint.tokenizer_path)
     data: Path | None = None  # JSONL of instruction items; None: generate `split` with the suite
     split: str = "heldout"  # suite split to generate: heldout | train
     n_per_task: int = 20  # items per task when generating
@@ -47,6 +50,9 @@ class ExactMatchConfig:
     dtype: str = "float32"  # weights for evaluation: float32 | bfloat16 | float16 | auto (as stored)
     out_json: Path | None = None  # write the report here as JSON
     samples: int = 3  # sample responses kept per task in the report
+
+    # `--checkpoint` (and a `checkpoint` key) of earlier versions; every command names it `--model`.
+    ALIASES: ClassVar[dict[str, str]] = {"checkpoint": "model"}
 
 
 @dataclass
@@ -182,16 +188,18 @@ def run_exact_match(cfg: ExactMatchConfig) -> ExactMatchReport:
         The report.
     """
     from llama2.checkpoint.load import load_model
+    from llama2.checkpoint.tokenizer_path import require_tokenizer
+    from llama2.outpath import check_output_path, write_error
 
+    if cfg.out_json is not None:  # before the model is loaded and the suite run
+        check_output_path(cfg.out_json, folder=False, what="out_json")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
     if cfg.dtype not in dtypes:
         raise ConfigError(f"dtype must be one of {', '.join(dtypes)}, got {cfg.dtype!r}")
     loaded = load_model(
-        cfg.checkpoint, device=cfg.device, dtype=dtypes[cfg.dtype], progress=False, quantize=cfg.quantize
+        cfg.model, device=cfg.device, dtype=dtypes[cfg.dtype], progress=False, quantize=cfg.quantize
     )
-    tok_path = cfg.tokenizer or loaded.tokenizer_path
-    if tok_path is None:
-        raise ConfigError(f"no tokenizer.model next to {cfg.checkpoint}; set `tokenizer`")
+    tok_path = require_tokenizer(loaded.tokenizer_path, cfg.tokenizer, cfg.model, "pass --tokenizer PATH")
     tokenizer = Tokenizer.from_file(tok_path)
     items = load_items(cfg)
     report = evaluate_exact_match(
@@ -200,6 +208,10 @@ def run_exact_match(cfg: ExactMatchConfig) -> ExactMatchReport:
     print(report.format_table())
     if cfg.out_json is not None:
         out = Path(cfg.out_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
+            out.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise write_error("out_json", out, e) from None
     return report

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +62,11 @@ class InfillCase:
 class InfillEvalConfig:
     """`llama2 eval infill`: infilling exact match and middle NLL on held-out source files."""
 
-    checkpoint: Path = Path("model")  # code model folder (needs a tokenizer with ▁<PRE> ... ▁<EOT>)
-    tokenizer: Path | None = None  # default: the tokenizer.model next to the checkpoint
+    model: str = field(
+        default="code",
+        metadata={"help": "code model (with ▁<PRE> ... ▁<EOT> pieces): checkpoint path or embedded name"},
+    )
+    tokenizer: Path | None = None  # default: the checkpoint's (see llama2.checkpoint.tokenizer_path)
     source_dir: Path | None = None  # default: the running interpreter's standard library
     pattern: str = "*.py"
     heldout_fraction: float = 0.1  # must match the training split
@@ -78,6 +81,9 @@ class InfillEvalConfig:
     quantize: str | None = None  # quantize while loading: int8 | int4 | nf4 | q8_0 | q4_0 | q4_k[,options]
     out_json: Path | None = None
     samples: int = 8  # sample cases kept in the report
+
+    # `--checkpoint` (and a `checkpoint` key) of earlier versions; every command names it `--model`.
+    ALIASES: ClassVar[dict[str, str]] = {"checkpoint": "model"}
 
 
 @dataclass
@@ -341,18 +347,20 @@ def run_infill_eval(cfg: InfillEvalConfig) -> dict[str, InfillReport]:
         One report per hole kind.
     """
     from llama2.checkpoint.load import load_model
+    from llama2.checkpoint.tokenizer_path import require_tokenizer
+    from llama2.outpath import check_output_path, write_error
 
+    if cfg.out_json is not None:  # before the model is loaded and the suite run
+        check_output_path(cfg.out_json, folder=False, what="out_json")
     bad = [k for k in cfg.kinds if k not in ("line", "identifier")]
     if bad or not cfg.kinds:
         raise ConfigError(
             f"infill kinds must be a non-empty subset of ['line', 'identifier'], got {cfg.kinds}"
         )
     loaded = load_model(
-        cfg.checkpoint, device=cfg.device, dtype=torch.float32, progress=False, quantize=cfg.quantize
+        cfg.model, device=cfg.device, dtype=torch.float32, progress=False, quantize=cfg.quantize
     )
-    tok_path = cfg.tokenizer or loaded.tokenizer_path
-    if tok_path is None:
-        raise ConfigError(f"no tokenizer.model next to {cfg.checkpoint}; set `tokenizer`")
+    tok_path = require_tokenizer(loaded.tokenizer_path, cfg.tokenizer, cfg.model, "pass --tokenizer PATH")
     tokenizer = Tokenizer.from_file(tok_path)
     root = cfg.source_dir or default_source_dir()
     train_files, held_files = source_splits(root, cfg.pattern, cfg.heldout_fraction)
@@ -377,7 +385,10 @@ def run_infill_eval(cfg: InfillEvalConfig) -> dict[str, InfillReport]:
             reports[f"{kind}/{mode}"] = report
     if cfg.out_json is not None:
         out = Path(cfg.out_json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        data = {k: r.to_json() for k, r in reports.items()}
-        out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            data = {k: r.to_json() for k, r in reports.items()}
+            out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise write_error("out_json", out, e) from None
     return reports

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from llama2.data.corpus import TokenFile, is_token_file, load_encoder, tokenize_documents
 from llama2.data.packing import PackedSequences
-from llama2.errors import CheckpointError, ConfigError
+from llama2.errors import ConfigError
 
 
 @dataclass
@@ -132,9 +132,11 @@ def run_perplexity(cfg: PerplexityConfig) -> PerplexityResult:
     Raises:
         ConfigError: no data, or the data is shorter than one window.
         CheckpointError: the model cannot be found or read.
+        TokenizerError: the data is text and no tokenizer was given or found.
     """
     from llama2.assets import resolve_model
     from llama2.checkpoint.load import load_model
+    from llama2.checkpoint.tokenizer_path import require_tokenizer
 
     if not cfg.data:
         raise ConfigError("no data given; expected --data with a text/JSONL file, folder, glob or token file")
@@ -153,11 +155,11 @@ def run_perplexity(cfg: PerplexityConfig) -> PerplexityResult:
     )
     model = loaded.model
     seq_len = cfg.seq_len or loaded.args.max_seq_len
-    tok_path = cfg.tokenizer or loaded.tokenizer_path
+    def tok_path() -> Path:  # only text needs one: a token file is already tokenized
+        return require_tokenizer(loaded.tokenizer_path, cfg.tokenizer, cfg.model, "pass --tokenizer PATH")
+
     if cfg.chat:
-        if tok_path is None:
-            raise CheckpointError(f"no tokenizer.model next to {cfg.model}; pass --tokenizer PATH")
-        dialogs = _read_dialogs(cfg.data, tok_path)
+        dialogs = _read_dialogs(cfg.data, tok_path())
         if cfg.max_windows:
             dialogs = dialogs[: cfg.max_windows]
         total, count = dialog_nll(model, dialogs, seq_len)
@@ -174,10 +176,8 @@ def run_perplexity(cfg: PerplexityConfig) -> PerplexityResult:
             )
         windows = PackedSequences(tokens, seq_len)
     else:
-        if tok_path is None:
-            raise CheckpointError(f"no tokenizer.model next to {cfg.model}; pass --tokenizer PATH")
         windows = PackedSequences(
-            tokenize_documents(cfg.data, load_encoder(tok_path), cfg.text_field), seq_len
+            tokenize_documents(cfg.data, load_encoder(tok_path()), cfg.text_field), seq_len
         )
     if len(windows) == 0:
         raise ConfigError(

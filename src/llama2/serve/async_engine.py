@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llama2.errors import Llama2Error
+from llama2.errors import EngineClosedError as EngineClosedError  # defined in errors.py; re-exported
+from llama2.errors import EngineOverloadedError as EngineOverloadedError
 from llama2.generation.engine import (
     EngineConfig,
     EngineItem,
@@ -38,14 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("llama2.serve")
 
 QueueItem = EngineItem
-
-
-class EngineOverloadedError(Llama2Error):
-    """The waiting queue is full; the client should retry later (HTTP 429)."""
-
-
-class EngineClosedError(Llama2Error):
-    """The engine is shutting down and takes no new sequences (HTTP 503)."""
 
 
 class RequestHandle:

@@ -49,6 +49,9 @@ def config_from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
     if any(k in aliases and k not in names for k in data):
         nested: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
         for key in [k for k in data if k in aliases and k not in names]:
+            if "." not in aliases[key]:  # a renamed top-level field: base -> model
+                nested.setdefault(aliases[key], nested.pop(key))
+                continue
             table, sub_key = aliases[key].split(".", 1)
             if not isinstance(nested.setdefault(table, {}), dict):
                 raise ConfigError(f"{cls.__name__}: {table!r} must be a table, got {nested[table]!r}")

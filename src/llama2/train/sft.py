@@ -21,7 +21,7 @@
 Defaults follow the paper's SFT recipe (lr 2e-5, cosine schedule, weight decay 0.1, 2 epochs) except
 where a small model needs otherwise — set `lr`, `max_steps` in the `[loop]` table. The config nests::
 
-    base = "runs/base/model"
+    model = "runs/base/model"
     data = "dialogs.jsonl"
     [lora]
     rank = 8
@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import torch
 
 from llama2.checkpoint.load import load_model
+from llama2.checkpoint.tokenizer_path import require_tokenizer
 from llama2.config import ModelArgs
 from llama2.data.sft import (
     SFTBatches,
@@ -79,8 +80,9 @@ class SFTConfig:
     """`llama2 train sft`: data and base model fields, a `[lora]` table (LoRA; absent: full
     fine-tuning) and a `[loop]` table (optimizer, schedule, checkpoints; `--loop.lr 1e-4`)."""
 
-    base: Path = field(
-        default=Path("base"), metadata={"help": "base checkpoint (folder or file, any supported format)"}
+    model: Path = field(
+        default=Path("base"),
+        metadata={"help": "base checkpoint to fine-tune (folder or file, any format, or an embedded name)"},
     )
     data: Path = field(
         default=Path("sft.jsonl"), metadata={"help": 'JSONL of {"messages": [{"role", "content"}, ...]}'}
@@ -111,6 +113,7 @@ class SFTConfig:
     # Flat flags and keys of earlier versions (`--lora-rank 8`, `--lr 1e-4`), mapped to nested fields.
     ALIASES: ClassVar[dict[str, str]] = {
         **{f.name: f"loop.{f.name}" for f in dataclasses.fields(LoopConfig)},
+        "base": "model",
         "lora_rank": "lora.rank",
         "lora_alpha": "lora.alpha",
         "lora_dropout": "lora.dropout",
@@ -151,7 +154,7 @@ def split_examples(
 
 
 def run_sft(cfg: SFTConfig) -> SFTResult:
-    """Fine-tune `cfg.base` on `cfg.data` (see the module docstring).
+    """Fine-tune `cfg.model` on `cfg.data` (see the module docstring).
 
     Returns:
         An `SFTResult` with the loop summary and the saved folders.
@@ -177,13 +180,13 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
             "base; add a [lora] table (e.g. --lora.rank 8), or drop quantize_base for full fine-tuning"
         )
     if cfg.quantize_base is not None:
-        loaded = load_model(cfg.base, dtype=torch.float32, progress=False, quantize=cfg.quantize_base)
+        loaded = load_model(cfg.model, dtype=torch.float32, progress=False, quantize=cfg.quantize_base)
     else:
-        loaded = load_model(cfg.base, dtype=torch.float32, progress=False)
+        loaded = load_model(cfg.model, dtype=torch.float32, progress=False)
     model, args = loaded.model, loaded.args
-    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else loaded.tokenizer_path
-    if tok_path is None:
-        raise ConfigError(f"no tokenizer.model next to {cfg.base}; set `tokenizer` in the SFT config")
+    tok_path = require_tokenizer(
+        loaded.tokenizer_path, cfg.tokenizer, cfg.model, "set `tokenizer` in the SFT config"
+    )
     tokenizer = Tokenizer.from_file(tok_path)
     if tokenizer.vocab_size != args.vocab_size:
         raise ConfigError(
@@ -228,7 +231,7 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
     model_dir: Path | None = None
     adapter_dir: Path | None = None
     if lora_cfg is not None:
-        adapter_dir = save_adapter(model, lora_cfg, out_dir / "adapter", base=str(cfg.base))
+        adapter_dir = save_adapter(model, lora_cfg, out_dir / "adapter", base=str(cfg.model))
         if cfg.merge:
             merge_lora(model)
             dequantize_linears(model)  # a QLoRA base: the merged model is saved in float

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -284,3 +285,17 @@ def test_preset_that_does_not_fit_is_refused_before_building(monkeypatch: pytest
     float_bytes = bench.estimate_weight_bytes(TINY, torch.float32, None)
     assert float_bytes == TINY.num_params() * 4
     assert bench.estimate_weight_bytes(TINY, torch.float32, q) < float_bytes
+
+
+def test_json_path_that_cannot_be_written_is_one_line_before_any_work(tmp_path: Path) -> None:
+    """`--json` under a regular file is refused before the model is built (no traceback, exit 1)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    proc = subprocess.run(
+        [sys.executable, "-m", "llama2", "bench", "--preset", "110m", "--json", str(blocker / "out.json")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("llama2: error: cannot write --json")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert blocker.read_text() == "keep"

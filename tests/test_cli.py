@@ -356,3 +356,76 @@ def test_quantize_command_gguf_output_generates(
     assert out == expected["generation"] + "\n"
     code, _, err = run([*argv[:4], "nf4", *argv[5:]], capsys)  # GGUF cannot hold nf4
     assert code == 1 and "GGUF output supports" in err
+
+
+# ------------------------------------------------------------ output paths that cannot be written (issue 9)
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llama2: error: "), err  # no traceback
+    return lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["llama2", "gguf"])
+def test_quantize_out_under_a_file_is_one_line(
+    fmt: str, ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("user data\n")
+    out = in_the_way / "sub" / ("q.gguf" if fmt == "gguf" else "q")
+    scheme = "q8_0" if fmt == "gguf" else "int8"
+    argv = ["quantize", "--model", str(ckpt), "--scheme", scheme, "--format", fmt, "--out", str(out)]
+    code, _, err = run([*argv, "--quiet"], capsys)
+    line = _one_error_line(err)
+    assert code == 1 and str(out) in line and f"{in_the_way} is a file, not a folder" in line, err
+    assert in_the_way.read_text() == "user data\n"  # never touched
+
+
+def test_quantize_out_of_the_wrong_kind_is_refused(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "existing.txt"
+    a_file.write_text("keep me\n")
+    code, _, err = run(["quantize", "--model", str(ckpt), "--scheme", "int8", "--out", str(a_file)], capsys)
+    assert code == 1 and "it exists and is not a folder" in _one_error_line(err), err
+    assert a_file.read_text() == "keep me\n"
+    a_dir = tmp_path / "folder.gguf"
+    a_dir.mkdir()
+    argv = ["quantize", "--model", str(ckpt), "--scheme", "f16", "--format", "gguf", "--out", str(a_dir)]
+    code, _, err = run(argv, capsys)
+    assert code == 1 and "it is a folder" in _one_error_line(err), err
+    assert list(a_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["llama2", "gguf"])
+def test_quantize_checks_the_output_before_reading_the_model(fmt: str, tmp_path: Path) -> None:
+    from llama2.checkpoint.quantize import quantize_checkpoint
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match=r"cannot write .* is a file, not a folder"):  # not "no such file"
+        quantize_checkpoint(tmp_path / "missing-model", tmp_path / "f" / "out", "q8_0", output_format=fmt)
+
+
+def test_quantize_unwritable_folder_is_one_line(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as root: permissions are not enforced")
+    argv = ["quantize", "--model", str(ckpt), "--scheme", "int8", "--out", str(locked / "q")]
+    code, _, err = run(argv, capsys)
+    assert code == 1 and f"folder {locked} is not writable" in _one_error_line(err), err
+
+
+@pytest.mark.parametrize("command", ["exact-match", "infill"])
+def test_eval_out_json_under_a_file_fails_before_loading(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "f").write_text("")
+    out = tmp_path / "f" / "report.json"
+    argv = ["eval", command, "--checkpoint", str(tmp_path / "missing"), "--out-json", str(out)]
+    code, _, err = run(argv, capsys)
+    line = _one_error_line(err)
+    assert code == 1 and f"cannot write out_json {out}" in line and "is a file, not a folder" in line, err

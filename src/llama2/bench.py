@@ -52,6 +52,7 @@ from llama2.config import PRESETS
 from llama2.dtypes import DTYPE_NAMES, dtype_name, parse_dtype
 from llama2.errors import ConfigError, GenerationError
 from llama2.model import Transformer
+from llama2.outpath import check_output_path
 from llama2.quant import QuantConfig, parse_quant_specs
 
 
@@ -375,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
     """Run `llama2 bench` with parsed `add_arguments` options; prints the table, returns 0."""
     if args.model is None and args.preset is None:
         raise ConfigError("llama2 bench needs --model PATH|NAME or --preset NAME (e.g. --preset 110m)")
+    if args.json is not None:
+        check_output_path(args.json, folder=False, what="--json")  # before minutes of benchmarking
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")

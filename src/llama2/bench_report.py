@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama2.checkpoint.save import atomic_write
+from llama2.outpath import write_error
+
 
 # --------------------------------------------------------------------------------- results
 @dataclass
@@ -147,7 +150,15 @@ def format_table(results: Sequence[BenchResult]) -> str:
 def write_json(results: Sequence[BenchResult], path: Path | str, meta: dict[str, Any] | None = None) -> None:
     """Write `{"meta": ..., "rows": [result.to_row(), ...]}` to `path`."""
     doc = {"meta": meta or {}, "rows": [r.to_row() for r in results]}
-    Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    data = (json.dumps(doc, indent=2, default=str) + "\n").encode("utf-8")
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    try:
+        atomic_write(Path(path), write)
+    except OSError as e:
+        raise write_error("--json", path, e) from None
 
 
 __all__ = ["BenchResult", "format_pm", "format_table", "mean_std", "write_json"]

@@ -524,3 +524,51 @@ def test_cli_prints_one_line_errors(tmp_path: Path) -> None:
         # tests above hold the checks themselves to a second.
         assert elapsed < 60.0, f"{model}: {elapsed:.1f} s"
 
+
+
+# ------------------------------------------------------------------ enum-like fields (issue 9)
+def _l2c_v1_raw(flag: int, version: int = 1, shared_floats: bool = False) -> bytes:
+    """A v1 file with any flag byte (export.py writes 0 or 1) and version field."""
+    n = _l2c_floats(DIM, HIDDEN, LAYERS, HEADS, KV, VOCAB) - (VOCAB * DIM if shared_floats else 0)
+    header = struct.pack("<Ii7iB", 0x616B3432, version, *SHAPE, flag)
+    return header + bytes(256 - len(header)) + bytes(4 * n)
+
+
+@pytest.mark.parametrize("flag", [2, 7, 128, 255])
+def test_llama2c_shared_classifier_flag_must_be_0_or_1(flag: int, tmp_path: Path) -> None:
+    path = tmp_path / "m.bin"
+    for shared in (False, True):  # whichever size the flag would imply, the flag itself is refused
+        path.write_bytes(_l2c_v1_raw(flag, shared_floats=shared))
+        msg = _fails_fast(lambda: read_checkpoint(path))
+        assert str(path) in msg and f"shared-classifier flag {flag}" in msg and "expected 0" in msg, msg
+
+
+def test_llama2c_shared_classifier_flags_0_and_1_load(tmp_path: Path) -> None:
+    path = tmp_path / "m.bin"
+    path.write_bytes(_l2c_v1_raw(0))
+    assert "output.weight" in {s.name for s in read_checkpoint(path).tensors}
+    path.write_bytes(_l2c_v1_raw(1, shared_floats=True))  # no output.weight in the file
+    assert read_checkpoint(path).args.vocab_size == VOCAB
+
+
+@pytest.mark.parametrize("version", [0, 2, 3, -1, 2**31 - 1])
+def test_llama2c_v1_version_field(version: int, tmp_path: Path) -> None:
+    path = tmp_path / "m.bin"
+    path.write_bytes(_l2c_v1_raw(0, version=version))
+    msg = _fails_fast(lambda: read_checkpoint(path))
+    assert f"version {version} is not supported" in msg, msg
+
+
+@pytest.mark.parametrize("value", ["llama3", "Llama2", "", None, 2, ["llama2"]])
+def test_params_json_format_other_than_llama2(value: Any, tmp_path: Path) -> None:
+    root = _ours(tmp_path, _embedding_st(), {**PARAMS, "format": value})
+    msg = _fails_fast(lambda: read_checkpoint(root))
+    assert "params.json" in msg and repr(value)[:20] in msg and "expected 'llama2'" in msg, msg
+    msg = _fails_fast(lambda: read_checkpoint(root / "model.safetensors"))  # the file named directly
+    assert "params.json" in msg and "expected 'llama2'" in msg, msg
+
+
+def test_params_json_with_format_llama2_or_none_loads(tmp_path: Path) -> None:
+    assert read_checkpoint(_ours(tmp_path / "a", _embedding_st())).args.dim == DIM  # "format": "llama2"
+    meta_style = {k: v for k, v in PARAMS.items() if k != "format"}  # Meta's params.json has no "format"
+    assert read_checkpoint(_ours(tmp_path / "b", _embedding_st(), meta_style)).args.dim == DIM

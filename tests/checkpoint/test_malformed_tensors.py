@@ -327,3 +327,87 @@ def test_quantized_buffer_of_wrong_dtype(
     with pytest.raises(CheckpointError) as err:
         load_model(out, progress=False)
     _one_line(err, f"{weights}: tensor {name!r} has dtype {dtype}", expected)
+
+
+# ------------------------------------------------------------------ Meta shard names (issue 9)
+def _rename_shards(out: Path, names: dict[str, str]) -> None:
+    for old, new in names.items():
+        (out / old).rename(out / new)
+
+
+@pytest.mark.parametrize(
+    ("n_shards", "renames", "expected"),
+    [
+        (2, {"consolidated.01.pth": "consolidated.02.pth"}, "consolidated.01.pth is missing"),  # 00, 02
+        (2, {"consolidated.00.pth": "x"}, "consolidated.00.pth is missing"),  # 01 only
+        (2, {"consolidated.01.pth": "consolidated.07.pth"}, "consolidated.01.pth is missing"),
+        (2, {"consolidated.01.pth": "consolidated.1.pth"}, "consolidated.1.pth: not a Meta shard name"),
+        (2, {"consolidated.01.pth": "consolidated.001.pth"}, "consolidated.001.pth: not a Meta shard name"),
+        (2, {"consolidated.01.pth": "other.pth"}, "other.pth: a PyTorch file beside Meta shards"),
+    ],
+)
+def test_meta_shard_names_must_be_ranks_0_to_n_minus_1(
+    model: Transformer, n_shards: int, renames: dict[str, str], expected: str, tmp_path: Path
+) -> None:
+    out = export_meta(model, ARGS, tmp_path / "m", n_shards=n_shards)
+    for old, new in renames.items():
+        if new == "x":
+            (out / old).unlink()
+    _rename_shards(out, {k: v for k, v in renames.items() if v != "x"})
+    with pytest.raises(CheckpointError) as err:
+        load_model(out, progress=False)
+    _one_line(err, expected)
+
+
+def test_meta_shard_named_directly_loads_the_whole_folder(model: Transformer, tmp_path: Path) -> None:
+    out = export_meta(model, ARGS, tmp_path / "m", n_shards=2)
+    loaded = load_model(out / "consolidated.01.pth", progress=False)
+    sd = loaded.model.state_dict()
+    for name, p in model.state_dict().items():
+        assert torch.equal(sd[name], p), name  # both shards merged, not one shard's slices
+
+
+def test_single_pth_of_any_name_is_one_meta_shard(model: Transformer, tmp_path: Path) -> None:
+    out = export_meta(model, ARGS, tmp_path / "m", n_shards=1)
+    _rename_shards(out, {"consolidated.00.pth": "model.pth"})
+    assert torch.equal(load_model(out, progress=False).model.norm.weight, model.norm.weight)
+
+
+# ------------------------------------------------------------- torch's warnings during a load (issue 9)
+def test_sparse_csr_pth_gives_the_error_without_torch_warnings(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder, file = _meta_dir(tmp_path / "meta", {EMB: torch.eye(64, 32).to_sparse_csr()})
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns about CSR once per process: make it warn every time
+    try:
+        with warnings.catch_warnings(record=True) as caught, pytest.raises(CheckpointError) as err:
+            warnings.simplefilter("always")
+            load_model(folder, progress=False)
+    finally:
+        torch.set_warn_always(warn_always)
+    _one_line(err, f"{file}: tensor {EMB!r}", "sparse_csr tensor")
+    assert [str(w.message) for w in caught] == []
+
+
+def test_own_warnings_still_shown_when_loading_a_pth(model: Transformer, tmp_path: Path) -> None:
+    """q4_k needs 256-value rows: with dim 32 no layer can hold it, and the loader says so."""
+    out = export_meta(model, ARGS, tmp_path / "m", n_shards=1)
+    with pytest.warns(UserWarning, match=r"layers cannot be quantized with q4_k"):
+        load_model(out, quantize="q4_k", progress=False)
+
+
+def test_unnumbered_shards_load_in_sorted_order_and_a_missing_one_fails(
+    model: Transformer, tmp_path: Path
+) -> None:
+    """Without Meta's shard names the rank order is the sorted order (Meta's `sorted(glob(...))`); a
+    lost shard then shows as merged tensors of the wrong shape, never as a silently smaller model."""
+    out = export_meta(model, ARGS, tmp_path / "m", n_shards=2)
+    _rename_shards(out, {"consolidated.00.pth": "a.pth", "consolidated.01.pth": "b.pth"})
+    sd = load_model(out, progress=False).model.state_dict()
+    for name, p in model.state_dict().items():
+        assert torch.equal(sd[name], p), name
+    (out / "b.pth").unlink()  # one of two shards lost: rank 0's slices alone are half the shape
+    with pytest.raises(CheckpointError) as err:
+        load_model(out, progress=False)
+    _one_line(err, "shape")

@@ -20,6 +20,7 @@ file (`model.safetensors.index.json`) may only name plain files inside the check
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
@@ -157,6 +158,62 @@ def _is_meta_params(data: dict[str, Any] | None) -> bool:
     return data is not None and "dim" in data and "n_layers" in data
 
 
+PARAMS_FORMATS = ("llama2",)  # values of params.json's "format" key this package reads (Meta's has none)
+
+
+def _check_params_format(path: Path, data: dict[str, Any] | None) -> None:
+    """Refuse a params.json whose "format" names a layout other than ours (e.g. "llama3"): its weights
+    would be read with Llama 2's rules. Meta's params.json has no "format" key; ours has "llama2"."""
+    if data is None or "format" not in data or data["format"] in PARAMS_FORMATS:
+        return
+    raise CheckpointError(
+        f"{path}: \"format\" is {data['format']!r:.60}, which this package cannot read; expected "
+        f"{', '.join(repr(f) for f in PARAMS_FORMATS)} (ours) or no \"format\" key (Meta's params.json)"
+    )
+
+
+_META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
+
+
+def _meta_shards(root: Path, files: list[Path], torch_files: tuple[Path, ...]) -> tuple[Path, ...]:
+    """The PyTorch files of a Meta folder in rank order, after checking Meta's shard names.
+
+    Meta writes rank r's shard as `consolidated.{r:02d}.pth`: the names must be exactly ranks 0..N-1
+    (one gap would merge the wrong slices). A file named `consolidated.*` that is not one of these, or a
+    PyTorch file beside them with another name, is refused. PyTorch files none of which is named like a
+    shard are taken in sorted order, as Meta's own `Llama.build` does (`sorted(glob("*.pth"))`); a
+    missing or extra one then fails the shape check of the merged tensors.
+    """
+    named = [
+        p for p in files if p.name.startswith("consolidated.") and (p.suffix == ".pth" or p in torch_files)
+    ]
+    if not named:  # no Meta shard names: rank order is the sorted order, as Meta's loader does
+        return tuple(sorted(torch_files))
+    ranks: dict[int, Path] = {}
+    for p in named:
+        m = _META_SHARD.fullmatch(p.name)
+        if m is None or m.group(1) != f"{int(m.group(1)):02d}":
+            raise CheckpointError(
+                f"{p}: not a Meta shard name; expected consolidated.NN.pth with NN the rank in two digits "
+                "(consolidated.00.pth, consolidated.01.pth, ...)"
+            )
+        ranks[int(m.group(1))] = p
+    missing = [r for r in range(max(ranks) + 1) if r not in ranks]
+    if missing:
+        found = ", ".join(ranks[r].name for r in sorted(ranks)[:4]) + (", ..." if len(ranks) > 4 else "")
+        raise CheckpointError(
+            f"{root}: Meta shard consolidated.{missing[0]:02d}.pth is missing (found {found}); expected "
+            f"consolidated.00.pth .. consolidated.{max(ranks):02d}.pth, one per model-parallel rank"
+        )
+    others = [p for p in torch_files if p not in named]
+    if others:
+        raise CheckpointError(
+            f"{others[0]}: a PyTorch file beside Meta shards consolidated.NN.pth; expected only the shards "
+            "in a Meta checkpoint folder (move other .pth files elsewhere)"
+        )
+    return tuple(ranks[r] for r in sorted(ranks) if ranks[r] in torch_files)  # others: meta.py names them
+
+
 def _is_hf_config(data: dict[str, Any] | None) -> bool:
     return data is not None and "hidden_size" in data and "num_hidden_layers" in data
 
@@ -199,11 +256,19 @@ def detect(path: Path | str) -> DetectedCheckpoint:
                     f"{path}: Hugging Face weights need a config.json beside them: {config}"
                 )
             return DetectedCheckpoint(CheckpointFormat.HF, path.parent, (path,), config, kind)
-        if not _is_meta_params(_json_object(params)):
+        params_data = _json_object(params)
+        if not _is_meta_params(params_data):
             raise CheckpointError(f"{path}: llama2 weights need a params.json beside them: {params}")
+        _check_params_format(params, params_data)
         return DetectedCheckpoint(CheckpointFormat.LLAMA2, path.parent, (path,), params, kind)
     if kind in (FileKind.TORCH_ZIP, FileKind.PICKLE):
-        if _is_meta_params(_json_object(params)):
+        params_data = _json_object(params)
+        if _is_meta_params(params_data):
+            _check_params_format(params, params_data)
+            if _META_SHARD.fullmatch(path.name):  # one shard of a Meta folder: load all its shards
+                found = _detect_dir(path.parent)
+                if found.format is CheckpointFormat.META and path in found.weight_files:
+                    return found
             return DetectedCheckpoint(CheckpointFormat.META, path.parent, (path,), params, kind)
         if _is_hf_config(_json_object(config)):
             return DetectedCheckpoint(CheckpointFormat.HF, path.parent, (path,), config, kind)
@@ -229,11 +294,14 @@ def _detect_dir(root: Path) -> DetectedCheckpoint:
     st_files = tuple(p for p, k in kinds.items() if k is FileKind.SAFETENSORS)
 
     if _is_meta_params(params):
+        _check_params_format(params_path, params)
         if params is not None and params.get("format") == "llama2" and st_files:
             return DetectedCheckpoint(_OURS, root, st_files, params_path, _ST)
         if torch_files:
-            kind = kinds[torch_files[0]]
-            return DetectedCheckpoint(CheckpointFormat.META, root, torch_files, params_path, kind)
+            shards = _meta_shards(root, files, torch_files)
+            if shards:
+                kind = kinds[shards[0]]
+                return DetectedCheckpoint(CheckpointFormat.META, root, shards, params_path, kind)
         meta_st = tuple(p for p in st_files if not _looks_hf(safetensors_names(p)))
         if meta_st:
             return DetectedCheckpoint(_OURS, root, meta_st, params_path, _ST)

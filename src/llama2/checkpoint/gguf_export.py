@@ -46,9 +46,11 @@ from llama2.checkpoint.gguf_model import (
 from llama2.checkpoint.load import CheckpointContents, TensorSource, read_checkpoint
 from llama2.checkpoint.memory import release_pages, trim_heap
 from llama2.checkpoint.save import atomic_write
+from llama2.checkpoint.tokenizer_path import find_tokenizer, require_tokenizer
 from llama2.config import ModelArgs
 from llama2.errors import CheckpointError, ConfigError
 from llama2.gguf_vocab import GGUFVocab, PieceType, read_vocab
+from llama2.outpath import check_output_path, write_error
 from llama2.quant.gguf_blocks import BLOCK_SIZES, dequantize_gguf, quantize_gguf
 
 GGUFExportType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k"]
@@ -204,13 +206,6 @@ def _contents(
     return CheckpointContents(CheckpointFormat.LLAMA2, args, tensors, (), Path("."))
 
 
-def _default_tokenizer(contents: CheckpointContents) -> Path | None:
-    if contents.format is CheckpointFormat.GGUF and contents.files:
-        return contents.files[0]
-    candidates = [contents.root / "tokenizer.model", contents.root.parent / "tokenizer.model"]
-    return next((c for c in candidates if c.is_file()), None)
-
-
 def _add_metadata(w: gguf.GGUFWriter, args: ModelArgs, vocab: GGUFVocab, qtype: str, name: str) -> None:
     if args.rope_scaling is not None and args.rope_scaling.type != "linear":
         raise CheckpointError(
@@ -283,27 +278,28 @@ def export_gguf(
         The path written.
 
     Raises:
-        ConfigError: unknown type names.
-        CheckpointError: unreadable source, no tokenizer, a tokenizer larger than the vocabulary,
-            or a shape llama.cpp cannot represent (dynamic rope scaling).
-        TokenizerError: the tokenizer file is not a tokenizer.
+        ConfigError: unknown type names, or an output path that cannot be written.
+        CheckpointError: unreadable source, a tokenizer larger than the vocabulary, or a shape
+            llama.cpp cannot represent (dynamic rope scaling).
+        TokenizerError: no tokenizer given or found, or the file is not a tokenizer.
     """
     from tqdm import tqdm
 
+    out = check_output_path(out_path, folder=False, what="GGUF file")  # before the source is read
     contents = _contents(source, args)
     model_args = contents.args
     plan = plan_tensors(contents, qtype, embedding_qtype=embedding_qtype, output_qtype=output_qtype)
-    tok = Path(tokenizer_path) if tokenizer_path is not None else _default_tokenizer(contents)
-    if tok is None:
-        raise CheckpointError(
-            f"{contents.root}: no tokenizer.model beside the checkpoint; pass tokenizer_path "
-            "(llama.cpp needs the vocabulary inside the GGUF file)"
-        )
+    found = find_tokenizer(contents.root, contents.files, contents.format)
+    where = contents.root if contents.files else "held in memory"
+    hint = "pass tokenizer_path (llama.cpp needs the vocabulary inside the GGUF file)"
+    tok = require_tokenizer(found, tokenizer_path, where, hint)
     vocab = _padded_vocab(read_vocab(tok), model_args.vocab_size, str(tok))
     if name is None:
         name = contents.root.name if contents.files and contents.root.name else "llama2"
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error("GGUF file", out, e) from None
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, ARCH)
@@ -345,5 +341,8 @@ def export_gguf(
             trim_heap()
         writer.close()
 
-    atomic_write(out, write)
+    try:
+        atomic_write(out, write)  # on failure the temporary file is removed and `out` is untouched
+    except OSError as e:  # e.g. a full disk
+        raise write_error("GGUF file", out, e) from None
     return out

@@ -139,16 +139,18 @@ def read_llama2c_header(path: Path) -> Llama2cHeader | None:
     a file at most as large as the shape implies is taken as (possibly truncated) v0.
 
     Raises:
-        CheckpointError: a v1 file with an unsupported version, an impossible or out-of-bounds shape,
-            or a size other than its shape's (naming the first tensor cut off).
+        CheckpointError: a v1 file with an unsupported version, a shared-classifier flag other than 0
+            or 1, an impossible or out-of-bounds shape, or a size other than its shape's (naming the
+            first tensor cut off).
     """
     head = read_head(path, LLAMA2C_V1_HEADER_BYTES)
     if len(head) >= 8 and struct.unpack("<I", head[:4])[0] == LLAMA2C_MAGIC:
         version = struct.unpack("<i", head[4:8])[0]
         if version != 1:
             raise CheckpointError(
-                f"{path}: llama2.c file version {version} is not supported; expected version 0 or 1 "
-                "(float32). Version 2 is Q8_0-quantized: re-export it as float32 with llama2.c export.py"
+                f"{path}: llama2.c file version {version} is not supported; expected version 1 (float32) "
+                "after the ak42 magic (version 0 files have no magic). Version 2 is Q8_0-quantized: "
+                "re-export it as float32 with llama2.c export.py"
             )
         if len(head) < 8 + 28 + 1:
             raise CheckpointError(f"{path}: truncated llama2.c v1 header ({len(head)} bytes, expected 256)")
@@ -156,9 +158,14 @@ def read_llama2c_header(path: Path) -> Llama2cHeader | None:
         problem = shape_problem(ints) or ("vocab_size is negative" if ints[5] < 0 else None)
         if problem:
             raise CheckpointError(f"{path}: llama2.c v1 header holds an impossible shape {ints}: {problem}")
+        if head[36] not in (0, 1):  # export.py writes the flag as one byte, 0 or 1
+            raise CheckpointError(
+                f"{path}: llama2.c v1 header has shared-classifier flag {head[36]} at byte 36; expected 0 "
+                "(separate output.weight) or 1 (output shares tok_embeddings.weight)"
+            )
         dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = ints
         header = Llama2cHeader(
-            1, dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len, bool(head[36]), LLAMA2C_V1_HEADER_BYTES
+            1, dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len, head[36] == 1, LLAMA2C_V1_HEADER_BYTES
         )
         header.check_size(path, path.stat().st_size)
         return header

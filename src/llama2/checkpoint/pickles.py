@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pickle
 import pickletools
+import warnings
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -235,7 +236,12 @@ def torch_load(file: Path) -> dict[str, Tensor]:
         )
     scan_torch_file(file, kind)
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=kind is FileKind.TORCH_ZIP)
+        # torch warns while building some tensor kinds (a sparse CSR tensor: "support is in beta
+        # state"); those are refused below with one line, so its warnings are not shown. Only this call
+        # is silenced: our own warnings are issued outside it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=kind is FileKind.TORCH_ZIP)
     except pickle.UnpicklingError as e:
         reason = " ".join(line for line in str(e).splitlines()[2:] if line.strip())[:300]
         raise UnsafeCheckpointError(

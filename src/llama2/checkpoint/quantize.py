@@ -21,6 +21,7 @@ from llama2.checkpoint.load import load_model
 from llama2.checkpoint.save import save_checkpoint
 from llama2.errors import ConfigError
 from llama2.gguf_vocab import is_gguf, save_sentencepiece
+from llama2.outpath import check_output_path, write_error
 from llama2.quant.convert import parse_quant_spec, quantization_metadata
 
 OutputFormat = Literal["llama2", "gguf"]
@@ -54,7 +55,8 @@ def quantize_checkpoint(
         The path written.
 
     Raises:
-        ConfigError: an unknown scheme or format, or a layer shape the scheme cannot hold.
+        ConfigError: an unknown scheme or format, a layer shape the scheme cannot hold, or an output
+            path that cannot be written (checked before the source is read).
         CheckpointError: the source cannot be read.
     """
     if output_format == "gguf":
@@ -68,16 +70,20 @@ def quantize_checkpoint(
     config = parse_quant_spec(scheme)
     if config is None:  # parse_quant_spec returns None only for None
         raise ConfigError("a quantization scheme is required")
+    check_output_path(out, folder=True, what="output folder")  # before the model is loaded
     loaded = load_model(source, dtype=dtype, progress=progress, quantize=config)
     tokenizer = tokenizer_path if tokenizer_path is not None else loaded.tokenizer_path
     from_gguf = tokenizer is not None and is_gguf(tokenizer)
-    written = save_checkpoint(
-        loaded.model,
-        loaded.args,
-        out,
-        tokenizer_path=None if from_gguf else tokenizer,
-        metadata=quantization_metadata(config),
-    )
-    if from_gguf and tokenizer is not None:  # rebuild a SentencePiece model from the GGUF vocabulary
-        save_sentencepiece(tokenizer, written / "tokenizer.model")
+    try:
+        written = save_checkpoint(
+            loaded.model,
+            loaded.args,
+            out,
+            tokenizer_path=None if from_gguf else tokenizer,
+            metadata=quantization_metadata(config),
+        )
+        if from_gguf and tokenizer is not None:  # rebuild a SentencePiece model from the GGUF vocabulary
+            save_sentencepiece(tokenizer, written / "tokenizer.model")
+    except OSError as e:  # e.g. a full disk; each file is replaced atomically, so none is half-written
+        raise write_error("output folder", out, e) from None
     return written

@@ -66,7 +66,9 @@ def read_meta(found: DetectedCheckpoint) -> CheckpointContents:
 
 def _check_shard_files(found: DetectedCheckpoint) -> None:
     """Meta's layout names its shards `consolidated.NN.pth`: one the detection skipped (its bytes are not
-    a PyTorch file) is damaged, and loading the others would fail later with a misleading shape error."""
+    a PyTorch file) is damaged, and loading the others would fail later with a misleading shape error.
+    Several shards named like Meta's must be ranks 0..N-1 in order (detection checks the names; this
+    holds for any caller); unnumbered ones are in sorted order, as Meta's loader takes them."""
     if len(found.weight_files) == 1 and found.weight_files[0].parent != found.root:
         return
     for f in sorted(found.root.glob("consolidated.*.pth")):
@@ -75,6 +77,15 @@ def _check_shard_files(found: DetectedCheckpoint) -> None:
                 f"{f}: not a PyTorch file (it looks like {sniff(f)}); expected a Meta model-parallel "
                 "shard written by torch.save, like the other consolidated.*.pth files"
             )
+    numbered = any(f.name.startswith("consolidated.") for f in found.weight_files)
+    if len(found.weight_files) > 1 and numbered:  # Meta's names: rank r is consolidated.{r:02d}.pth
+        for rank, f in enumerate(found.weight_files):
+            if f.name != f"consolidated.{rank:02d}.pth":
+                raise CheckpointError(
+                    f"{f}: shard {rank} of {len(found.weight_files)} is named {f.name}; expected "
+                    f"consolidated.{rank:02d}.pth (Meta's shards are consolidated.00.pth .. "
+                    f"consolidated.{len(found.weight_files) - 1:02d}.pth, with no gap)"
+                )
 
 
 def _merged_shape(

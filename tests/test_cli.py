@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "generation"))
 from gen_support import save_tiny_checkpoint
 
 import llama2.assets
-from llama2 import cli
+from llama2 import cli, config_cli
 from llama2.api import Llama
 from llama2.errors import CheckpointError, ConfigError
 
@@ -300,7 +300,7 @@ def test_add_config_command_directly() -> None:
     assert args._handler(args) == 0
     assert got == [DemoConfig(data=Path("d"), tags=["t1", "t2"], lr=0.5)]
     with pytest.raises(ConfigError):
-        cli._coerce(cli._field_type(int, "f"), True, "f", "src")  # bool is not an int
+        config_cli._coerce(config_cli._field_type(int, "f"), True, "f", "src")  # bool is not an int
 
 
 # ----------------------------------------------------------------------------- quantization

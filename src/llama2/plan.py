@@ -11,7 +11,7 @@
   stay in `dtype`.
 - the KV cache: `2 * n_layers * batch * seq * n_kv_heads * head_dim * itemsize(kv_dtype)`;
 - activations: the peak of tensors alive during one prefill forward of `batch x max_seq_len` tokens
-  from position 0, as `Generator` runs it (`Generator._forward(..., last_only=True)`: only the last
+  from position 0, as `Generator` runs it (`lockstep.lockstep_forward(..., last_only=True)`: only the last
   position goes through the output head, so logits are `batch x vocab`, not `batch x seq x vocab`;
   `full_logits=True` plans for the full (B, T, V) float32 logits of `eval perplexity` or `echo`).
   The peak is the largest of the per-stage live sets of the eager model (attention norm, rotary,

@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server with continuous batching.
 
-- `scheduler`: the `Engine` (one background thread, per-row positions and KV-cache slots);
+- `async_engine`: the `Engine`, one background thread driving `llama2.generation.engine.StepEngine`
+  (the one engine every caller uses); `scheduler` keeps the old import names;
 - `app`: the FastAPI app (`create_app`): endpoints, API keys, OpenAI-shaped errors, metrics;
 - `server`: `ServeConfig` and `run_server` (uvicorn, graceful SIGTERM drain);
 - `schemas`: request/response models; `metrics`: Prometheus text metrics.

@@ -1,16 +1,20 @@
-"""One seed, one answer: at temperature 0.8 the HTTP server, `Generator` and `Llama.text_completion`
-give the same tokens for the same seed, for n = 2 (choice c uses `choice_seed(seed, c)`), for a
-batch of prompts, and alone or batched on the library side."""
+"""One seed, one answer: at temperature 0.8 the HTTP server, `Generator`, `Llama.text_completion` and
+`llama2 generate` give the same tokens for the same seed, for n = 2 (choice c uses
+`choice_seed(seed, c)`), for a batch of prompts, and alone or batched on the library side."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
-from serve_support import ServerProcess, server_process, tiny_model
+from serve_support import TOKENIZER_MODEL, ServerProcess, server_process, tiny_args, tiny_model
 
 from llama2.api import Llama
+from llama2.checkpoint import save_checkpoint
 from llama2.generation import Generator, SamplingParams, choice_seed
 from llama2.tokenizer import Tokenizer
 
@@ -70,3 +74,23 @@ def test_seeded_server_equals_text_completion(http: httpx.Client, code_tokenizer
     assert texts == [p["generation"] for p in lib] == [p["generation"] for p in lib_alone]
     # choice 0 of an n=2 request is the plain seeded completion
     assert _complete(http, PROMPTS[1], n=2)[0]["text"] == lib[1]["generation"]
+
+
+def test_seeded_cli_generate_equals_generator(tmp_path: Path) -> None:
+    """`llama2 generate --seed` (a subprocess on a saved checkpoint) samples what `Generator` samples
+    with the same seed, which the tests above tie to the server and to `text_completion`."""
+    model = tiny_model(32000)
+    ckpt = save_checkpoint(model, tiny_args(32000), tmp_path / "m", tokenizer_path=TOKENIZER_MODEL)
+    cmd = [
+        sys.executable, "-m", "llama2", "generate", "--model", str(ckpt), "--prompt", PROMPTS[0],
+        "--temperature", "0.8", "--top-p", "0.95", "--seed", str(SEED), "--max-new-tokens", str(MAX_TOKENS),
+        "--no-echo", "--quiet", "--dtype", "float32",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    tok = Tokenizer.from_file(TOKENIZER_MODEL)
+    ids = tok.encode(PROMPTS[0], bos=True, eos=False)
+    expected = Generator(model, tok).generate([ids], MAX_TOKENS, _params(SEED))[0].text
+    greedy = Generator(model, tok).generate([ids], MAX_TOKENS)[0].text
+    assert proc.stdout == expected + "\n"
+    assert expected != greedy  # really sampled

@@ -120,8 +120,8 @@ WORKDIR: dict[str, tuple[Callable[[Path], None], str]] = {
 
 # Words of a command replaced before it runs: (README words, replacement, why).
 REPLACE: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
-    (("--max-steps", "2000"), ("--max-steps", "2"), "2 optimizer steps show the command works; 2000 "
-     "take hours"),
+    (("--loop.max-steps", "2000"), ("--loop.max-steps", "2"), "2 optimizer steps show the command works; "
+     "2000 take hours"),
     (("--max-steps", "100"), ("--max-steps", "2"), "likewise"),
     (("--preset", "tinyllama-1.1b"), ("--model", "base"), "the same benchmark code on the embedded "
      "model: random TinyLlama weights take 2.2 GB and minutes to build here"),

@@ -3,6 +3,7 @@ with SIGKILL and resumed ends bit-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 
 from llama2.checkpoint.load import load_model
 from llama2.errors import ConfigError
-from llama2.train.loop import config_from_dict, config_to_dict
+from llama2.train.loop import LoopConfig, config_from_dict, config_to_dict
 from llama2.train.pretrain import PretrainConfig, run_pretrain
 from llama2.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
@@ -75,7 +76,8 @@ def _cfg(setup: dict[str, Path], out: Path, **kw: Any) -> PretrainConfig:
         "out_dir": out,
     }
     base.update(kw)
-    return PretrainConfig(**base)
+    loop = {k: base.pop(k) for k in [f.name for f in dataclasses.fields(LoopConfig)] if k in base}
+    return PretrainConfig(**base, loop=LoopConfig(**loop))
 
 
 def test_loss_goes_down_and_model_is_saved(setup: dict[str, Path], tmp_path: Path) -> None:

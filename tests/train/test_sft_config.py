@@ -3,12 +3,14 @@ flags as aliases, and the run's config.toml loading back through the same comman
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from llama2 import cli
+from llama2.errors import ConfigError
 from llama2.train.loop_config import LoopConfig
 from llama2.train.lora import LoRAConfig
 from llama2.train.run_config import config_from_dict, config_to_dict, to_toml
@@ -102,3 +104,18 @@ def test_config_from_dict_reads_an_older_flat_sft_config() -> None:
     cfg = config_from_dict(SFTConfig, {"base": "b", "lora_rank": 4, "lora_targets": ["wo"], "lr": 1e-3})
     assert cfg.lora == LoRAConfig(rank=4, target_modules=["wo"]) and cfg.loop.lr == 1e-3
     assert cfg.loop.warmup_steps == 10  # SFT's loop default, not LoopConfig's 100
+
+
+def test_constructor_takes_the_flat_keywords_of_the_chat_model_card() -> None:
+    card = Path(__file__).resolve().parents[2] / "src/llama2/assets/models/chat/MODEL_CARD.md"
+    m = re.search(r"run_sft\((SFTConfig\(.*?\))\)\n", card.read_text(), re.S)
+    assert m is not None, "the model card's SFTConfig(...) call moved; update this test"
+    c = eval(m[1], {"SFTConfig": SFTConfig, "Path": Path, "data": Path("d.jsonl")})
+    assert (c.model, c.data, c.seq_len, c.save_dtype, c.lora) == (
+        Path("src/llama2/assets/models/base"), Path("d.jsonl"), 256, "bfloat16", None)  # fmt: skip
+    assert (c.loop.lr, c.loop.max_steps, c.loop.warmup_steps, c.loop.batch_size) == (1e-3, 600, 10, 8)
+    assert (c.loop.ckpt_every, c.loop.threads, c.loop.out_dir) == (50, 1, Path("runs/chat/sft2"))
+    assert SFTConfig(base=Path("m"), lora_rank=4).lora == LoRAConfig(rank=4)  # type: ignore[call-arg]
+    assert SFTConfig(lr=1e-4).loop.warmup_steps == 10  # SFT's loop default, not LoopConfig's 100
+    with pytest.raises(ConfigError, match="'base' and 'model' name the same field"):
+        SFTConfig(base=Path("m"), model=Path("n"))  # type: ignore[call-arg]

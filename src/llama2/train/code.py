@@ -12,16 +12,21 @@
 4. write the model (our format: `params.json`, `model.safetensors`, `tokenizer.model`) to
    `<out_dir>/model` and a `summary.json`.
 
+The config nests the optimizer, schedule and checkpoint settings as a `[loop]` table (a `LoopConfig`,
+`--loop.max-steps 1800`); the earlier flat names (`--max-steps`, `CodePretrainConfig(lr=2e-3)`) still
+work through `ALIASES`.
+
 `config.toml`, `params.json` and `files.json` (the file split) are written to `<out_dir>` only once
 `fit` has checked the run folder and the checkpoint to resume, so a refused run changes no file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -42,13 +47,16 @@ from llama2.train.pretrain import (
     write_json,
     write_run_files,
 )
+from llama2.train.run_config import flat_aliases
 from llama2.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 from llama2.train.trainer import fit
 
 
+@flat_aliases
 @dataclass
-class CodePretrainConfig(LoopConfig):
-    """`llama2 train code`: every LoopConfig field, plus data, FIM and model-shape fields."""
+class CodePretrainConfig:
+    """`llama2 train code`: data, FIM and model-shape fields, and a `[loop]` table (optimizer, schedule,
+    checkpoints; `--loop.max-steps 1800`)."""
 
     source_dir: Path = field(default_factory=default_source_dir)  # folder of Python files
     pattern: str = "*.py"  # files directly under source_dir (not recursive)
@@ -69,6 +77,10 @@ class CodePretrainConfig(LoopConfig):
     init_std: float = 0.02
     save_dtype: str = "bfloat16"  # dtype of the saved weights: float32 | bfloat16 | float16
     resume: bool = False
+    loop: LoopConfig = field(default_factory=LoopConfig, metadata={"help": "the training loop: [loop] table"})
+
+    # Flat flags and keys of earlier versions (`--lr 2e-3`, `lr = 2e-3`), mapped to the `[loop]` table.
+    ALIASES: ClassVar[dict[str, str]] = {f.name: f"loop.{f.name}" for f in dataclasses.fields(LoopConfig)}
 
     def model_args(self, vocab_size: int) -> ModelArgs:
         return shape_args(self, vocab_size)
@@ -98,8 +110,9 @@ def run_code_pretrain(cfg: CodePretrainConfig) -> CodePretrainResult:
     Returns:
         A `CodePretrainResult` with the loop summary and the saved model folder.
     """
-    resolve_device(cfg.device)  # a device this machine lacks fails now, not after data preparation
-    out_dir = prepare_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    loop_cfg = cfg.loop
+    resolve_device(loop_cfg.device)  # a device this machine lacks fails now, not after data preparation
+    out_dir = prepare_run_dir(loop_cfg.out_dir, resume=cfg.resume, overwrite=loop_cfg.overwrite)
     save_dtype = parse_save_dtype(cfg.save_dtype)
     train_files, held_files = code_splits(cfg)
     tok_path = Path(cfg.tokenizer) if cfg.tokenizer else out_dir / "tokenizer.model"
@@ -119,12 +132,11 @@ def run_code_pretrain(cfg: CodePretrainConfig) -> CodePretrainResult:
 
     train_docs = read_documents(train_files, cfg.max_chars)
     held_docs = read_documents(held_files, cfg.max_chars)
-    loop_cfg = cfg.loop_config()
     batches = FIMBatches(
-        train_docs, tokenizer, cfg.seq_len, loop_cfg.batch_size, cfg.seed, cfg.fim_rate, cfg.spm_rate
+        train_docs, tokenizer, cfg.seq_len, loop_cfg.batch_size, loop_cfg.seed, cfg.fim_rate, cfg.spm_rate
     )
     val = fixed_batches(held_docs, tokenizer, cfg.seq_len, loop_cfg.batch_size, 0, cfg.fim_rate, cfg.spm_rate)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(loop_cfg.seed)
     model = Transformer(args)
     init_weights(model, cfg.init_std)
     n_params = sum(p.numel() for p in model.parameters())

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from llama2.errors import ConfigError
+from llama2.quant.kernels import prepare_for_compile
 from llama2.runtime import resolve_device as resolve_device
 
 # Checkpoint and config helpers that used to live here, re-exported for existing callers.
@@ -165,6 +166,8 @@ class LossStage:
     def _forward_model(self) -> nn.Module:
         if self._fwd is None:
             model = self.models["model"]
+            if self.compile:
+                prepare_for_compile()
             self._fwd = torch.compile(model) if self.compile else model  # type: ignore[assignment]
         return self.models["model"] if self._fwd is None else self._fwd
 

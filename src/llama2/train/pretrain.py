@@ -1,8 +1,19 @@
 """Pretraining: corpus -> token files -> packed sequences -> `train` -> a saved model.
 
 `run_pretrain(PretrainConfig(...))` is the whole stage; `llama2 train pretrain --config run.toml`
-calls it. The config is flat (every `LoopConfig` field plus data and model-shape fields), so any field
-of the TOML file can be overridden by a command-line flag. The resolved config and the model shape
+calls it. The config holds data and model-shape fields and nests the optimizer, schedule and
+checkpoint settings as a `[loop]` table (a `LoopConfig`; `--loop.lr 1e-3`); every field of the TOML
+file can be overridden by a command-line flag. Files and flags of the earlier flat config (`lr = 1e-3`
+at the top level, `--lr 1e-3`, `PretrainConfig(lr=1e-3)`) still work through `ALIASES`::
+
+    data = ["corpus/"]
+    tokenizer = "tokenizer.model"
+    dim = 288
+    [loop]
+    out_dir = "runs/mine"
+    lr = 1e-3
+
+The resolved config and the model shape
 are written to `<out_dir>/config.toml` and `<out_dir>/params.json` once the run folder and the
 checkpoint to resume have been checked, just before the first step (a refused run changes no file);
 `--resume` continues from `<out_dir>/checkpoints/latest`. The final model is written in our format
@@ -12,12 +23,13 @@ folder to `<out_dir>/hf/` with `export_hf = true`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +44,7 @@ from llama2.model import Transformer
 from llama2.runtime import resolve_device
 from llama2.train.checkpointing import prepare_run_dir, write_text_atomic
 from llama2.train.loop import LoopConfig, LossStage, TrainResult, config_to_dict, save_resolved_config
+from llama2.train.run_config import flat_aliases
 from llama2.train.trainer import fit
 
 IGNORE_INDEX = -100
@@ -66,9 +79,11 @@ def shape_args(cfg: ShapeFields, vocab_size: int, norm_eps: float = 1e-5) -> Mod
     )
 
 
+@flat_aliases
 @dataclass
-class PretrainConfig(LoopConfig):
-    """`llama2 train pretrain`: every LoopConfig field, plus data and model shape."""
+class PretrainConfig:
+    """`llama2 train pretrain`: data and model-shape fields, and a `[loop]` table (optimizer, schedule,
+    checkpoints; `--loop.lr 1e-3`)."""
 
     data: list[str] = field(
         default_factory=list, metadata={"help": "training text: files, folders, globs, JSONL"}
@@ -103,6 +118,10 @@ class PretrainConfig(LoopConfig):
         default=False, metadata={"help": "also write a transformers folder to <out_dir>/hf"}
     )
     resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/checkpoints/latest"})
+    loop: LoopConfig = field(default_factory=LoopConfig, metadata={"help": "the training loop: [loop] table"})
+
+    # Flat flags and keys of earlier versions (`--lr 1e-3`, `lr = 1e-3`), mapped to the `[loop]` table.
+    ALIASES: ClassVar[dict[str, str]] = {f.name: f"loop.{f.name}" for f in dataclasses.fields(LoopConfig)}
 
     def model_args(self, vocab_size: int) -> ModelArgs:
         """The model shape (vocab size from the tokenizer, max_seq_len = seq_len)."""
@@ -148,7 +167,7 @@ def prepare_data(cfg: PretrainConfig) -> tuple[PackedSequences, PackedSequences 
     """Tokenize (or reuse) the corpora and pack the train/validation windows."""
     if not cfg.data:
         raise ConfigError("no training data given; expected at least one file, folder or glob in `data`")
-    data_dir = Path(cfg.out_dir) / "data"
+    data_dir = Path(cfg.loop.out_dir) / "data"
     train_file = build_token_file(cfg.data, cfg.tokenizer, data_dir / "train.bin", text_field=cfg.text_field)
     if cfg.val_data:
         val_file = build_token_file(
@@ -213,14 +232,15 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     Returns:
         A `PretrainResult` with the loop summary and the saved model folder.
     """
-    resolve_device(cfg.device)  # a device this machine lacks fails now, not after data preparation
-    out_dir = prepare_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    loop_cfg = cfg.loop
+    resolve_device(loop_cfg.device)  # a device this machine lacks fails now, not after data preparation
+    out_dir = prepare_run_dir(loop_cfg.out_dir, resume=cfg.resume, overwrite=loop_cfg.overwrite)
     save_dtype = parse_save_dtype(cfg.save_dtype)
     encoder = load_encoder(cfg.tokenizer)
     args = cfg.model_args(encoder.vocab_size)
     train_set, val_set, _ = prepare_data(cfg)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(loop_cfg.seed)
     model = Transformer(args)
     init_weights(model, cfg.init_std)
     n_params = sum(p.numel() for p in model.parameters())
@@ -229,8 +249,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
         f"tokens ({len(train_set)} windows of {cfg.seq_len}), val "
         f"{val_set.n_stream_tokens if val_set else 0:,} tokens"
     )
-    loop_cfg = cfg.loop_config()
-    batches = PackedBatches(train_set, loop_cfg.batch_size, seed=cfg.seed)
+    batches = PackedBatches(train_set, loop_cfg.batch_size, seed=loop_cfg.seed)
     val_batches = SequentialBatches(val_set, loop_cfg.batch_size) if val_set is not None else None
     stage = LossStage(model, lm_loss, batches, val_batches, compile=loop_cfg.compile)
     result = fit(

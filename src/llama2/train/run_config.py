@@ -2,12 +2,14 @@
 
 `config_to_dict` turns a config dataclass into str/int/float/bool/list/dict values (what a training
 checkpoint and a TOML file can hold); `config_from_dict` rebuilds the dataclass from that dict or from
-a parsed TOML file.
+a parsed TOML file. `flat_aliases` lets a config's constructor take the older flat names of its
+`ALIASES` (`PretrainConfig(lr=1e-3)` for `PretrainConfig(loop=LoopConfig(lr=1e-3))`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -75,6 +77,56 @@ def config_from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
         )
         kwargs[k] = Path(v) if is_path and isinstance(v, str) else v
     return cls(**kwargs)
+
+
+def fold_aliases(cls: type[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor keywords with `cls.ALIASES`' older flat names moved to their nested place:
+    `{"lr": 1e-3, "dim": 64}` -> `{"loop": <the loop default with lr 1e-3>, "dim": 64}`. A nested value
+    given as well (`loop=LoopConfig(...)`) is the start the flat names change; a field given under both
+    its old and new top-level name raises `ConfigError`."""
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    flat = [k for k in kwargs if k in aliases and k not in fields]
+    if not flat:
+        return dict(kwargs)
+    out = {k: v for k, v in kwargs.items() if k not in flat}
+    tables: dict[str, dict[str, Any]] = {}
+    for key in flat:
+        target = aliases[key]
+        if "." not in target:  # a renamed top-level field: base -> model
+            if target in out:
+                raise ConfigError(f"{cls.__name__}: {key!r} and {target!r} name the same field; give one")
+            out[target] = kwargs[key]
+            continue
+        table, sub_key = target.split(".", 1)
+        tables.setdefault(table, {})[sub_key] = kwargs[key]
+    hints = typing.get_type_hints(cls)
+    for table, values in tables.items():
+        start = out.get(table)
+        if start is None:
+            f = fields[table]
+            sub = nested_config_type(hints[table])
+            start = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if start is None and sub is not None:
+                start = sub()  # an optional table (SFT's lora = None): its own defaults
+        if not (dataclasses.is_dataclass(start) and not isinstance(start, type)):
+            raise ConfigError(f"{cls.__name__}: {table!r} must be a config table, got {start!r}")
+        out[table] = dataclasses.replace(start, **values)
+    return out
+
+
+def flat_aliases(cls: type[_C]) -> type[_C]:
+    """Class decorator (above `@dataclass`): the constructor also takes the class's `ALIASES` names
+    (`fold_aliases`), so scripts written against the flat config keep working. Typed code should use
+    the nested fields; mypy sees only the dataclass's own signature."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **fold_aliases(cls, kwargs))
+
+    setattr(cls, "__init__", __init__)  # noqa: B010 - mypy refuses assigning to a method
+    return cls
 
 
 def _plain(v: Any) -> Any:

@@ -67,6 +67,7 @@ from llama2.train.lora import (
     save_adapter,
 )
 from llama2.train.pretrain import parse_save_dtype, save_model, write_json, write_run_files
+from llama2.train.run_config import flat_aliases
 from llama2.train.trainer import fit
 
 
@@ -75,6 +76,7 @@ def _sft_loop() -> LoopConfig:
     return LoopConfig(lr=2e-5, warmup_steps=10)
 
 
+@flat_aliases
 @dataclass
 class SFTConfig:
     """`llama2 train sft`: data and base model fields, a `[lora]` table (LoRA; absent: full

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from llama2.errors import GenerationError
+from llama2.quant.kernels import prepare_for_compile
 
 if TYPE_CHECKING:
     from llama2.model import Transformer
@@ -74,6 +75,7 @@ class DecodeStep:
         self.mode = compile
         self._fn: Callable[[Transformer, Tensor, Tensor, Tensor | None], Tensor] = decode_one_token
         if compile is not None:
+            prepare_for_compile()
             compiled: Any = torch.compile(decode_one_token, mode=compile, dynamic=False, fullgraph=False)
             self._fn = cast("Callable[[Transformer, Tensor, Tensor, Tensor | None], Tensor]", compiled)
 

@@ -56,6 +56,7 @@ __all__ = [
     "kernels_available",
     "kernels_disabled",
     "kernels_enabled",
+    "prepare_for_compile",
     "set_kernels_disabled",
 ]
 
@@ -64,8 +65,17 @@ def _available_eager() -> bool:
     return kernels_ready()
 
 
-# torch.compile treats the answer as a constant instead of tracing the build/env logic
-_available: Callable[[], bool] = torch.compiler.assume_constant_result(_available_eager)  # type: ignore[no-untyped-call]
+_available: Callable[[], bool] = _available_eager  # replaced by `prepare_for_compile`
+
+
+def prepare_for_compile() -> None:
+    """Call before `torch.compile` traces code that may run the kernels: torch.compile then treats
+    "are the kernels available" as a constant instead of tracing the build/environment logic. Not
+    done at import, because it imports torch._dynamo (about a second, half of every command's start-up).
+    """
+    global _available
+    if _available is _available_eager:
+        _available = torch.compiler.assume_constant_result(_available_eager)  # type: ignore[no-untyped-call]
 
 
 def kernels_enabled(x: Tensor, weight: Tensor) -> bool:

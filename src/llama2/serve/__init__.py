@@ -2,7 +2,8 @@
 
 - `async_engine`: the `Engine`, one background thread driving `llama2.generation.engine.StepEngine`
   (the one engine every caller uses); `scheduler` keeps the old import names;
-- `app`: the FastAPI app (`create_app`): endpoints, API keys, OpenAI-shaped errors, metrics;
+- `app`: the FastAPI app (`create_app`), which only wires settings, middleware, error handlers and
+  the routers of `routes/` (one module per OpenAI route); `service` holds the request lifecycle;
 - `server`: `ServeConfig` and `run_server` (uvicorn, graceful SIGTERM drain);
 - `schemas`: request/response models; `metrics`: Prometheus text metrics.
 

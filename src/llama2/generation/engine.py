@@ -130,14 +130,14 @@ class StepEngine:
         self.scratch_slot = n  # padding rows of decode batches write here
         if self.config.caller_cache:
             if not self.config.lockstep:  # lockstep checks its rows when a batch starts
-                self._check_cache(n + 1, self.max_seq_len)
+                self.check_cache(n + 1, self.max_seq_len)
         else:
             model.setup_caches(n + 1, self.max_seq_len, dtype=self.config.cache_dtype)
         # The compiled decode step (the Generator's too), when asked for: checks the mode.
         if decode_step is None and self.config.compile:
             decode_step = DecodeStep(model, compile=self.config.compile)
         self.decode_step = decode_step
-        self._lockstep: LockstepBatch | None = None  # the running lockstep batch
+        self.lockstep_batch: LockstepBatch | None = None  # the running lockstep batch (`LockstepHost`)
         self._free_slots: list[int] = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
         self._state = SlotSamplingState(n + 1, self.vocab_size, self.device)  # penalties, logit_bias
         self._waiting: deque[EngineSequence] = deque()
@@ -198,11 +198,11 @@ class StepEngine:
         self._waiting = kept
         for seq in list(self._running):
             if id(seq.owner) in owners:
-                self._release(seq, "cancelled")
+                self.release_sequence(seq, "cancelled")
         return dropped
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running or self._lockstep is not None)
+        return bool(self._waiting or self._running or self.lockstep_batch is not None)
 
     def free_slots(self) -> int:
         return len(self._free_slots)
@@ -267,8 +267,26 @@ class StepEngine:
         end_lockstep(self)
         return out
 
-    # ------------------------------------------------------------------ lockstep (Meta's schedule)
-    def _check_cache(self, rows: int, length: int) -> None:
+    # ------------------------------------------------------------------ lockstep (`LockstepHost`)
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    def take_waiting(self) -> list[EngineSequence]:
+        seqs = list(self._waiting)
+        self._waiting.clear()
+        return seqs
+
+    def take_slot(self, seq: EngineSequence) -> None:
+        """Give a waiting sequence the next free slot (0 first) and fresh sampling state."""
+        slot = seq.slot = self._free_slots.pop()
+        self._on_admitted(seq)
+        self._running.append(seq)
+        self._state.reset(slot, seq.spec.prompt, seq.spec.params)
+
+    def free_every_slot(self) -> None:
+        self._free_slots = list(range(self.config.max_slots - 1, -1, -1))
+
+    def check_cache(self, rows: int, length: int) -> None:
         cache = self.model.cache
         if cache is None or cache.max_batch_size < rows or cache.max_seq_len < length:
             have = "none" if cache is None else f"{cache.max_batch_size} x {cache.max_seq_len}"
@@ -281,12 +299,9 @@ class StepEngine:
     def _admit(self, out: Outbox) -> None:
         for _ in range(admit_count(len(self._waiting), len(self._free_slots))):
             seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
-            self._on_admitted(seq)
-            self._running.append(seq)
-            self._init_slot_state(seq)
+            self.take_slot(seq)
             if seq.spec.max_tokens == 0 and not seq.want_prompt_lp:
-                self._finish(seq, seq.state.finish_without_step(), out)
+                self.finish_sequence(seq, seq.state.finish_without_step(), out)
 
     def _on_admitted(self, seq: EngineSequence) -> None:
         """Hook: a waiting sequence got a slot."""
@@ -315,9 +330,9 @@ class StepEngine:
             out.append((seq.owner, PromptLogprobs(seq.index, seq.prompt_lp, seq.prompt_top)))
         if last_chunk and last is not None:
             if seq.spec.max_tokens == 0:  # echo + logprobs with nothing to generate
-                self._finish(seq, seq.state.finish_without_step(), out)
+                self.finish_sequence(seq, seq.state.finish_without_step(), out)
             else:
-                self._sample_and_emit([seq], last, out)
+                self.sample_and_emit([seq], last, out)
 
     def _record_prompt_logprobs(self, seq: EngineSequence, start: int, end: int, logits: Tensor) -> None:
         """logits (T, V) of positions start..end-1 predict prompt tokens start+1..end."""
@@ -351,15 +366,10 @@ class StepEngine:
             logits = self.model(tokens, start_pos, slots)[:b, 0].float()  # (B, V)
         for s in seqs:
             s.pos += 1
-        self._sample_and_emit(seqs, logits, out)
+        self.sample_and_emit(seqs, logits, out)
 
     # ------------------------------------------------------------------ sampling
-    def _init_slot_state(self, seq: EngineSequence) -> None:
-        if seq.slot is None:
-            raise RuntimeError("internal error: a sequence's sampling state set up before its slot")
-        self._state.reset(seq.slot, seq.spec.prompt, seq.spec.params)
-
-    def _sample_and_emit(
+    def sample_and_emit(
         self,
         seqs: list[EngineSequence],
         logits: Tensor,
@@ -444,7 +454,7 @@ class StepEngine:
                 if self.metrics is not None:
                     self.metrics.ttft.observe(now - seq.t_submit)
             if event.finish_reason is not None:
-                self._finish(seq, event, out)
+                self.finish_sequence(seq, event, out)
             else:
                 out.append((seq.owner, event))
         if self.metrics is not None and n_ok:
@@ -459,19 +469,19 @@ class StepEngine:
         return seq.state.accept(token, logprob, top)
 
     # ------------------------------------------------------------------ endings
-    def _finish(self, seq: EngineSequence, event: TokenEvent, out: Outbox) -> None:
+    def finish_sequence(self, seq: EngineSequence, event: TokenEvent, out: Outbox) -> None:
         result = seq.state.result
         if seq.want_prompt_lp:
             result.prompt_logprobs = seq.prompt_lp
         out.append((seq.owner, event))
         out.append((seq.owner, SequenceDone(seq.index, result, seq.sampled, seq.prompt_top)))
-        self._release(seq, result.finish_reason)
+        self.release_sequence(seq, result.finish_reason)
 
     def _fail(self, seq: EngineSequence, message: str, out: Outbox) -> None:
         out.append((seq.owner, SequenceFailed(seq.index, message)))
-        self._release(seq, "error")
+        self.release_sequence(seq, "error")
 
-    def _release(self, seq: EngineSequence, reason: str) -> None:
+    def release_sequence(self, seq: EngineSequence, reason: str) -> None:
         if seq.finished and seq.slot is None:
             return
         seq.finished = True

@@ -7,13 +7,14 @@ an unseeded batch consumes random numbers exactly as Meta's reference does.
 
 This module holds the batch's state, its forward and the engine's lockstep step (`lockstep_step`,
 called by `StepEngine.step`); sampling, logprobs and stop rules are the engine's
-(`StepEngine._sample_and_emit`), shared with the slot schedule.
+(`StepEngine.sample_and_emit`), shared with the slot schedule. It reaches the engine only through
+`LockstepHost`, the few members it needs, so it never imports the engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -23,8 +24,8 @@ from llama2.generation.logprobs import gather_logprobs
 
 if TYPE_CHECKING:
     from llama2.generation.decode import DecodeStep
-    from llama2.generation.engine import StepEngine
-    from llama2.generation.engine_types import EngineSequence, Outbox
+    from llama2.generation.engine_types import EngineConfig, EngineSequence, Outbox
+    from llama2.generation.sequence import TokenEvent
     from llama2.model import Transformer
 
 
@@ -101,6 +102,62 @@ class LockstepBatch:
                 s.state.result.prompt_logprobs = lp_rows[i][: self.lens[i]]
 
 
+class LockstepHost(Protocol):
+    """What the lockstep schedule needs from its engine (`llama2.generation.engine.StepEngine`)."""
+
+    lockstep_batch: LockstepBatch | None  # the running batch, None between batches
+
+    @property
+    def config(self) -> EngineConfig: ...
+    @property
+    def model(self) -> Transformer: ...
+    @property
+    def decode_step(self) -> DecodeStep | None: ...
+    @property
+    def device(self) -> torch.device: ...
+
+    def waiting_count(self) -> int:
+        """How many sequences wait for a slot."""
+        ...
+
+    def take_waiting(self) -> list[EngineSequence]:
+        """Every waiting sequence, in order; the queue is left empty."""
+        ...
+
+    def check_cache(self, rows: int, length: int) -> None:
+        """GenerationError unless the model's KV cache holds `rows` rows of `length` positions."""
+        ...
+
+    def take_slot(self, seq: EngineSequence) -> None:
+        """Give `seq` the next free slot (0 first) and fresh sampling state; it is now running."""
+        ...
+
+    def sample_and_emit(
+        self,
+        seqs: list[EngineSequence],
+        logits: Tensor,
+        out: Outbox,
+        *,
+        slots: list[int] | None = None,
+        active: list[bool] | None = None,
+        forced: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Sample a token per row of logits (B, V), apply stop rules, emit; (B,) the chosen tokens."""
+        ...
+
+    def finish_sequence(self, seq: EngineSequence, event: TokenEvent, out: Outbox) -> None:
+        """Emit `seq`'s last event and result and release its slot."""
+        ...
+
+    def release_sequence(self, seq: EngineSequence, reason: str) -> None:
+        """Free `seq`'s slot (a no-op once released) and count it as finished with `reason`."""
+        ...
+
+    def free_every_slot(self) -> None:
+        """Make every slot free again (between lockstep batches)."""
+        ...
+
+
 def lockstep_forward(
     model: Transformer, decode_step: DecodeStep | None, tokens: Tensor, start_pos: int, last_only: bool
 ) -> Tensor:
@@ -117,11 +174,11 @@ def lockstep_forward(
     return logits.float()
 
 
-def lockstep_step(engine: StepEngine, out: Outbox) -> None:
+def lockstep_step(engine: LockstepHost, out: Outbox) -> None:
     """Start a batch of every waiting sequence, or advance the running one by one column."""
-    lock = engine._lockstep
+    lock = engine.lockstep_batch
     if lock is None:
-        if not engine._waiting:
+        if not engine.waiting_count():
             return
         lock = _start(engine, out)
     if not lock.ended():
@@ -131,7 +188,7 @@ def lockstep_step(engine: StepEngine, out: Outbox) -> None:
         )  # (B, T, V)
         forced = (lock.prompt_mask[:, cur], lock.buf[:, cur]) if cur < lock.max_len else None
         rows = list(range(lock.rows))
-        lock.buf[:, cur] = engine._sample_and_emit(
+        lock.buf[:, cur] = engine.sample_and_emit(
             lock.seqs, logits[:, -1], out, slots=rows, active=lock.generating(), forced=forced
         )
         if lock.token_lp is not None:  # Meta's echo: logprob of every token in this chunk
@@ -143,38 +200,35 @@ def lockstep_step(engine: StepEngine, out: Outbox) -> None:
         end_lockstep(engine)
 
 
-def _start(engine: StepEngine, out: Outbox) -> LockstepBatch:
+def _start(engine: LockstepHost, out: Outbox) -> LockstepBatch:
     """Admit every waiting sequence as one batch into rows 0..B-1 (GenerationError if they do not
     fit `max_slots` or the caller's cache); rows with nothing to generate finish at once."""
-    seqs = list(engine._waiting)
-    if len(seqs) > engine.config.max_slots:
+    waiting = engine.waiting_count()
+    if waiting > engine.config.max_slots:
         raise GenerationError(
-            f"{len(seqs)} sequences wait for one lockstep batch of at most {engine.config.max_slots}"
+            f"{waiting} sequences wait for one lockstep batch of at most {engine.config.max_slots}"
         )
-    engine._waiting.clear()
+    seqs = engine.take_waiting()
     lock = LockstepBatch.start(seqs, engine.device)
-    engine._check_cache(lock.rows, lock.total_len)
+    engine.check_cache(lock.rows, lock.total_len)
     for seq in seqs:
-        seq.slot = engine._free_slots.pop()  # 0, 1, ...: row i is cache row i
-        engine._on_admitted(seq)
-        engine._running.append(seq)
-        engine._init_slot_state(seq)
-    engine._lockstep = lock
+        engine.take_slot(seq)  # slots 0, 1, ...: row i is cache row i
+    engine.lockstep_batch = lock
     if lock.token_lp is not None and lock.min_len == lock.total_len:
         # Nothing to generate (every prompt fills the window): one forward for prompt logprobs.
         logits = lockstep_forward(engine.model, None, lock.buf, 0, last_only=False)  # (B, T, V)
         lock.token_lp[:, 1:] = gather_logprobs(logits[:, :-1], lock.buf[:, 1:])  # (B, T-1)
     for seq in seqs:
         if seq.spec.max_tokens == 0:
-            engine._finish(seq, seq.state.finish_without_step(), out)
+            engine.finish_sequence(seq, seq.state.finish_without_step(), out)
     return lock
 
 
-def end_lockstep(engine: StepEngine) -> None:
+def end_lockstep(engine: LockstepHost) -> None:
     """Release the batch's rows (a no-op for the finished ones) and make every slot free again."""
-    if engine._lockstep is None:
+    if engine.lockstep_batch is None:
         return
-    for seq in engine._lockstep.seqs:
-        engine._release(seq, "cancelled")  # no-op for the finished ones
-    engine._lockstep = None
-    engine._free_slots = list(range(engine.config.max_slots - 1, -1, -1))
+    for seq in engine.lockstep_batch.seqs:
+        engine.release_sequence(seq, "cancelled")  # no-op for the finished ones
+    engine.lockstep_batch = None
+    engine.free_every_slot()

@@ -1,17 +1,16 @@
 """Weight quantization: int8, int4 (gpt-fast), NF4 (QLoRA/bitsandbytes), GGUF Q8_0/Q4_0/Q4_K.
 
 Numerics live in one file per format; `linear.py` holds the drop-in modules, `registry.py` one object
-per scheme (its module, storage layout, shapes, metadata, quantizer), and `convert.py`
-swaps them into a model and saves/loads the result with the scheme in safetensors metadata.
+per scheme (its module, storage layout, shapes, metadata, quantizer), `config.py` the `QuantConfig`
+and its spec parsers, and `convert.py` swaps the modules into a model and saves/loads the result with
+the scheme in safetensors metadata.
 """
 
+from llama2.quant.config import QuantConfig, parse_quant_spec, parse_quant_specs
 from llama2.quant.convert import (
-    QuantConfig,
     config_from_metadata,
     empty_module,
     load_quantized,
-    parse_quant_spec,
-    parse_quant_specs,
     prepare_model,
     quantization_metadata,
     quantize_model,

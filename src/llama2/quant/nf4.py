@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from llama2.errors import ConfigError
+from llama2.quant.nf4_tables import LUT_SIZE, quantize_lut
 
 # The 16 NF4 levels: quantiles of N(0, 1) normalised to [-1, 1] (QLoRA, appendix E), as float32.
 NF4_LEVELS: tuple[float, ...] = (
@@ -45,7 +46,6 @@ NF4_LEVELS: tuple[float, ...] = (
 )
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # block size of the 8-bit double quantization of absmax (QLoRA uses 256)
-_LUT_SIZE = 65536  # bins of bitsandbytes' CPU 8-bit quantization lookup table over [-1, 1]
 
 
 def nf4_code(device: torch.device | str | None = None) -> Tensor:
@@ -107,14 +107,6 @@ def _block_absmax(flat: Tensor, blocksize: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ 8-bit blockwise
-def _quantize_lut(code: Tensor) -> Tensor:
-    """For each of 65536 evenly spaced values in [-1, 1], the index of the nearest code (int64)."""
-    midpoints = 0.5 * (code[:-1] + code[1:])  # (255,) float32
-    i = torch.arange(_LUT_SIZE, dtype=torch.float32, device=code.device)
-    val = -1.0 + (2.0 * i) / (_LUT_SIZE - 1)  # float32 ops, as in the C++ table builder
-    return torch.searchsorted(midpoints, val, right=False)  # count of midpoints < val
-
-
 def quantize_blockwise_8bit(
     x: Tensor, code: Tensor, blocksize: int = NESTED_BLOCKSIZE
 ) -> tuple[Tensor, Tensor]:
@@ -137,8 +129,8 @@ def quantize_blockwise_8bit(
     blocks, n = _blocks(flat, blocksize)  # (nb, bs)
     inv = 1.0 / absmax  # float32; inf where absmax == 0 (handled below)
     v = (blocks * inv[:, None]).clamp(-1.0, 1.0)  # (nb, bs)
-    idx = (((v + 1.0) * 0.5) * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)  # trunc toward zero, (nb, bs)
-    q = _quantize_lut(code.float())[idx.clamp(0, _LUT_SIZE - 1)]  # (nb, bs)
+    idx = (((v + 1.0) * 0.5) * float(LUT_SIZE - 1) + 0.5).to(torch.int64)  # trunc toward zero, (nb, bs)
+    q = quantize_lut(code.float())[idx.clamp(0, LUT_SIZE - 1)]  # (nb, bs)
     q = torch.where((absmax == 0)[:, None], torch.zeros_like(q), q)
     return q.to(torch.uint8).reshape(-1)[:n].reshape(x.shape), absmax
 

@@ -18,7 +18,7 @@ Adding a scheme is one subclass here plus its entry in `SCHEMES` (and its name i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,10 +29,27 @@ from llama2.quant.int4 import INT4_GROUPSIZES
 from llama2.quant.linear import GGUFLinear, Int4Linear, Int8Linear, NF4Linear, QuantizedLinear
 from llama2.quant.nf4 import NESTED_BLOCKSIZE, NF4_BLOCKSIZES
 
-if TYPE_CHECKING:
-    from llama2.quant.convert import QuantConfig
-
 COMMON_OPTIONS = ("compute_dtype", "include_output")  # QuantConfig fields every scheme records
+
+
+class QuantOptions(Protocol):
+    """The option values a scheme reads: `llama2.quant.config.QuantConfig` provides them (the registry
+    sits below the config, which validates itself through `get_scheme`)."""
+
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def groupsize(self) -> int: ...
+    @property
+    def blocksize(self) -> int: ...
+    @property
+    def double_quant(self) -> bool: ...
+    @property
+    def compute_dtype(self) -> str | None: ...
+    @property
+    def include_output(self) -> bool: ...
+    @property
+    def torch_compute_dtype(self) -> torch.dtype | None: ...
 
 
 @dataclass(frozen=True)
@@ -51,31 +68,31 @@ class Scheme:
     bits: int
     options: tuple[str, ...] = ()
 
-    def validate(self, config: QuantConfig) -> None:
+    def validate(self, config: QuantOptions) -> None:
         """Raise ConfigError for an option value this scheme does not take."""
 
-    def check_shape(self, out_features: int, in_features: int, config: QuantConfig) -> None:
+    def check_shape(self, out_features: int, in_features: int, config: QuantOptions) -> None:
         """Raise ConfigError when this scheme cannot hold an (out, in) weight."""
 
-    def storage_bytes(self, out_features: int, in_features: int, config: QuantConfig) -> int:
+    def storage_bytes(self, out_features: int, in_features: int, config: QuantOptions) -> int:
         """Exact bytes of the buffers of one quantized (out, in) linear (shape checked first)."""
         raise NotImplementedError
 
-    def bytes_per_weight(self, out_features: int, in_features: int, config: QuantConfig) -> float:
+    def bytes_per_weight(self, out_features: int, in_features: int, config: QuantOptions) -> float:
         """`storage_bytes / (out * in)`: scales and any fixed tables included."""
         return self.storage_bytes(out_features, in_features, config) / (out_features * in_features)
 
     def empty(
-        self, in_features: int, out_features: int, config: QuantConfig, device: torch.device | str
+        self, in_features: int, out_features: int, config: QuantOptions, device: torch.device | str
     ) -> QuantizedLinear:
         """An empty module (e.g. on `meta`) to be filled by `load_state_dict(..., assign=True)`."""
         raise NotImplementedError
 
-    def quantize(self, linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
+    def quantize(self, linear: nn.Linear, config: QuantOptions) -> QuantizedLinear:
         """The module holding `linear`'s weight quantized (on the weight's device)."""
         raise NotImplementedError
 
-    def metadata(self, config: QuantConfig) -> dict[str, Any]:
+    def metadata(self, config: QuantOptions) -> dict[str, Any]:
         """The fields that describe `config` in checkpoint metadata (read by `QuantConfig.from_metadata`)."""
         out: dict[str, Any] = {"scheme": self.name}
         out.update((key, getattr(config, key)) for key in (*self.options, *COMMON_OPTIONS))
@@ -84,51 +101,51 @@ class Scheme:
 
 @dataclass(frozen=True)
 class Int8Scheme(Scheme):
-    def storage_bytes(self, out_features: int, in_features: int, config: QuantConfig) -> int:
+    def storage_bytes(self, out_features: int, in_features: int, config: QuantOptions) -> int:
         return out_features * in_features + 4 * out_features  # int8 codes + float32 scale per row
 
     def empty(
-        self, in_features: int, out_features: int, config: QuantConfig, device: torch.device | str
+        self, in_features: int, out_features: int, config: QuantOptions, device: torch.device | str
     ) -> QuantizedLinear:
         return Int8Linear(in_features, out_features, config.torch_compute_dtype, device)
 
-    def quantize(self, linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
+    def quantize(self, linear: nn.Linear, config: QuantOptions) -> QuantizedLinear:
         return Int8Linear.from_linear(linear, config.torch_compute_dtype)
 
 
 @dataclass(frozen=True)
 class Int4Scheme(Scheme):
-    def validate(self, config: QuantConfig) -> None:
+    def validate(self, config: QuantOptions) -> None:
         if config.groupsize not in INT4_GROUPSIZES:
             raise ConfigError(f"int4 groupsize must be one of {INT4_GROUPSIZES}, got {config.groupsize}")
 
-    def check_shape(self, out_features: int, in_features: int, config: QuantConfig) -> None:
+    def check_shape(self, out_features: int, in_features: int, config: QuantOptions) -> None:
         if in_features % config.groupsize:
             raise ConfigError(
                 f"int4 needs in_features divisible by groupsize {config.groupsize}, got {in_features}"
             )
 
-    def storage_bytes(self, out_features: int, in_features: int, config: QuantConfig) -> int:
+    def storage_bytes(self, out_features: int, in_features: int, config: QuantOptions) -> int:
         self.check_shape(out_features, in_features, config)
         n, k, g = out_features, in_features, config.groupsize
         return n * (k // 2) + (k // g) * n * 2 * 2  # uint8 (N, K/2) + bf16 (K/g, N, 2)
 
     def empty(
-        self, in_features: int, out_features: int, config: QuantConfig, device: torch.device | str
+        self, in_features: int, out_features: int, config: QuantOptions, device: torch.device | str
     ) -> QuantizedLinear:
         return Int4Linear(in_features, out_features, config.groupsize, config.torch_compute_dtype, device)
 
-    def quantize(self, linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
+    def quantize(self, linear: nn.Linear, config: QuantOptions) -> QuantizedLinear:
         return Int4Linear.from_linear(linear, config.groupsize, config.torch_compute_dtype)
 
 
 @dataclass(frozen=True)
 class NF4Scheme(Scheme):
-    def validate(self, config: QuantConfig) -> None:
+    def validate(self, config: QuantOptions) -> None:
         if config.blocksize not in NF4_BLOCKSIZES:
             raise ConfigError(f"nf4 blocksize must be one of {NF4_BLOCKSIZES}, got {config.blocksize}")
 
-    def storage_bytes(self, out_features: int, in_features: int, config: QuantConfig) -> int:
+    def storage_bytes(self, out_features: int, in_features: int, config: QuantOptions) -> int:
         numel = out_features * in_features
         nblocks = -(-numel // config.blocksize)
         packed = (numel + 1) // 2  # two 4-bit codes per byte
@@ -138,12 +155,12 @@ class NF4Scheme(Scheme):
         return packed + nblocks + 4 * nested + 256 * 4 + 4  # uint8 absmax, fp32 nested, code, offset
 
     def empty(
-        self, in_features: int, out_features: int, config: QuantConfig, device: torch.device | str
+        self, in_features: int, out_features: int, config: QuantOptions, device: torch.device | str
     ) -> QuantizedLinear:
         cd = config.torch_compute_dtype
         return NF4Linear(in_features, out_features, config.blocksize, config.double_quant, cd, device)
 
-    def quantize(self, linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
+    def quantize(self, linear: nn.Linear, config: QuantOptions) -> QuantizedLinear:
         cd = config.torch_compute_dtype
         return NF4Linear.from_linear(linear, config.blocksize, config.double_quant, cd)
 
@@ -156,22 +173,22 @@ class GGUFScheme(Scheme):
     def block(self) -> GGUFBlock:
         return GGUF_BLOCKS[self.name]
 
-    def check_shape(self, out_features: int, in_features: int, config: QuantConfig) -> None:
+    def check_shape(self, out_features: int, in_features: int, config: QuantOptions) -> None:
         if in_features % self.block.values:
             raise ConfigError(
                 f"{self.name} needs in_features divisible by {self.block.values}, got {in_features}"
             )
 
-    def storage_bytes(self, out_features: int, in_features: int, config: QuantConfig) -> int:
+    def storage_bytes(self, out_features: int, in_features: int, config: QuantOptions) -> int:
         self.check_shape(out_features, in_features, config)
         return out_features * (in_features // self.block.values) * self.block.nbytes
 
     def empty(
-        self, in_features: int, out_features: int, config: QuantConfig, device: torch.device | str
+        self, in_features: int, out_features: int, config: QuantOptions, device: torch.device | str
     ) -> QuantizedLinear:
         return GGUFLinear(in_features, out_features, self.name, config.torch_compute_dtype, device)
 
-    def quantize(self, linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
+    def quantize(self, linear: nn.Linear, config: QuantOptions) -> QuantizedLinear:
         return GGUFLinear.from_linear(linear, self.name, config.torch_compute_dtype)
 
 
@@ -202,7 +219,7 @@ def get_scheme(name: str) -> Scheme:
         ) from None
 
 
-def storage_bytes(out_features: int, in_features: int, config: QuantConfig) -> int:
+def storage_bytes(out_features: int, in_features: int, config: QuantOptions) -> int:
     """Exact bytes of one (out, in) linear quantized with `config` (ConfigError if it cannot hold it)."""
     return get_scheme(config.scheme).storage_bytes(out_features, in_features, config)
 
@@ -214,6 +231,7 @@ __all__ = [
     "Int4Scheme",
     "Int8Scheme",
     "NF4Scheme",
+    "QuantOptions",
     "Scheme",
     "get_scheme",
     "storage_bytes",

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from llama2.quant.kernels.build import build_extension, cache_dir, load_once
+from llama2.quant.nf4_tables import quantize_lut
 
 _SOURCE = Path(__file__).with_name("csrc") / "quantize.cpp"
 _NAMESPACE = "llama2_quantize"
@@ -77,12 +78,10 @@ def fast_quantize_nf4(w: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
 
 
 def _lut(code: Tensor) -> Tensor:
-    from llama2.quant.nf4 import _quantize_lut
-
     c = code.detach().float().cpu().contiguous()
     key = c.numpy().tobytes()
     if key not in _luts:
-        _luts[key] = _quantize_lut(c).to(torch.uint8)  # (65536,) indices in [0, 255]
+        _luts[key] = quantize_lut(c).to(torch.uint8)  # (65536,) indices in [0, 255]
     return _luts[key]
 
 

@@ -16,7 +16,7 @@ from gen_support import CODE_TINY, save_tiny_checkpoint
 
 from llama2.api import Llama, parse_dtype
 from llama2.chat import UNSAFE_ERROR
-from llama2.errors import ConfigError, DialogError, GenerationError, TokenizerError
+from llama2.errors import ConfigError, DialogError, GenerationError, OutOfMemoryError, TokenizerError
 from llama2.infill import encode_infill
 from llama2.model import Transformer
 
@@ -221,3 +221,10 @@ def test_training_after_text_and_chat_completion(ckpt: Path) -> None:
     assert used.text_completion(["Hello world"], temperature=0.0, max_gen_len=3) == fresh.text_completion(
         ["Hello world"], temperature=0.0, max_gen_len=3
     )
+
+
+def test_build_refuses_a_cache_that_cannot_fit_before_allocating(ckpt: Path) -> None:
+    """Meta's `build` allocates `max_batch_size x max_seq_len` up front: one that needs far more than
+    the machine has is refused at once, with the size and what to change (never an allocation)."""
+    with pytest.raises(OutOfMemoryError, match=r"max_batch_size=1000000 .* smaller max_batch_size"):
+        Llama.build(ckpt, max_seq_len=4096, max_batch_size=1_000_000, progress=False)

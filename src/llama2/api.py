@@ -22,6 +22,7 @@ from llama2.errors import GenerationError, TokenizerError
 from llama2.generation import GenerationResult, Generator, SamplingParams, TokenEvent
 from llama2.infill import encode_infill, infill_ids
 from llama2.model import Transformer
+from llama2.plan import check_kv_cache_fits
 from llama2.quant.convert import QuantConfig
 from llama2.tokenizer import Tokenizer
 
@@ -100,6 +101,8 @@ class Llama:
         self.max_batch_size = max_batch_size
         cache = model.cache  # Meta's KV cache (see the `model` attribute)
         if cache is None or cache.max_batch_size < max_batch_size or cache.max_seq_len < self.max_seq_len:
+            param = model.tok_embeddings.weight  # Meta's cache: refuse before allocating what cannot fit
+            check_kv_cache_fits(model.args, max_batch_size, self.max_seq_len, param.dtype, param.device)
             model.setup_caches(max_batch_size, self.max_seq_len)
         self.generator = Generator(model, tokenizer, max_seq_len=self.max_seq_len)
 

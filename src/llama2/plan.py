@@ -313,6 +313,22 @@ def available_memory(device: torch.device | str | None = None) -> int:
         return 1 << 62  # unknown: do not refuse
 
 
+def check_kv_cache_fits(
+    args: ModelArgs, batch: int, seq_len: int, weight_dtype: torch.dtype, device: torch.device | str
+) -> None:
+    """Raise `OutOfMemoryError` before allocating a `batch x seq_len` KV cache (Meta's `Llama.build`
+    allocates one up front) when it will not fit in the memory available on `device`."""
+    cache_dtype = default_cache_dtype(weight_dtype if weight_dtype.is_floating_point else None, device)
+    itemsize = torch.empty((), dtype=cache_dtype).element_size()
+    need = 2 * args.n_layers * batch * seq_len * args.kv_heads * args.head_dim * itemsize  # K and V
+    free = available_memory(device)
+    if need > free:
+        raise OutOfMemoryError(
+            f"the KV cache of max_batch_size={batch} x max_seq_len={seq_len} needs {format_bytes(need)} "
+            f"but {format_bytes(free)} is available; pass a smaller max_batch_size or max_seq_len"
+        )
+
+
 def format_bytes(n: float) -> str:
     """1536 -> '1.50 KiB'."""
     units = ("B", "KiB", "MiB", "GiB", "TiB")

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from train_support import ListBatches
 
 from llama2.config import ModelArgs
 from llama2.errors import ConfigError
@@ -29,28 +30,6 @@ from llama2.train.loop import (
 from llama2.train.metrics import MetricsLogger
 
 TINY = ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16, max_seq_len=16)
-
-
-class ListBatches:
-    """A resumable cycle over a fixed list of batches."""
-
-    def __init__(self, batches: list[Any]) -> None:
-        self.batches = batches
-        self.pos = 0
-
-    def __iter__(self) -> ListBatches:
-        return self
-
-    def __next__(self) -> Any:
-        b = self.batches[self.pos % len(self.batches)]
-        self.pos += 1
-        return b
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pos = int(state["pos"])
 
 
 def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from train_support import ListBatches
 
 from llama2.errors import CheckpointError, ConfigError
 from llama2.train.checkpointing import latest_checkpoint, load_training_checkpoint
@@ -23,27 +24,6 @@ from llama2.train.loop_config import LoopConfig
 from llama2.train.trainer import StepOutput, fit
 
 V, D, B, T = 11, 8, 4, 6
-
-
-class ListBatches:
-    """A resumable cycle over a fixed list of batches."""
-
-    def __init__(self, batches: list[Tensor]) -> None:
-        self.batches, self.pos = batches, 0
-
-    def __iter__(self) -> ListBatches:
-        return self
-
-    def __next__(self) -> Tensor:
-        b = self.batches[self.pos % len(self.batches)]
-        self.pos += 1
-        return b
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.pos = int(state["pos"])
 
 
 class Interrupted(Exception):

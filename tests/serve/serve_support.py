@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -226,3 +227,15 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def read_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed."""
+    sock.settimeout(limit)
+    start = time.monotonic()
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data, time.monotonic() - start
+        data += chunk

@@ -21,22 +21,11 @@ from typing import Any
 
 import pytest
 import sentencepiece as spm
+from serve_support import read_until_closed
 
 from llama2.errors import ConfigError
 from llama2.serve.http_errors import APIError
 from llama2.serve.server import ServeConfig, add_arguments, bind_socket, config_from_args
-
-
-def _read_all(sock: socket.socket, limit: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes the connection, and when it closed."""
-    sock.settimeout(limit)
-    start = time.monotonic()
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data, time.monotonic() - start
-        data += chunk
 
 
 def test_a_long_prompt_is_truncated_exactly_as_the_whole_encoding_would_be() -> None:
@@ -99,7 +88,7 @@ def _tiny_server(max_connections: int) -> Iterator[tuple[str, int]]:
 def _get(address: tuple[str, int]) -> bytes:
     with socket.create_connection(address, timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        data, _ = _read_all(sock, 5)
+        data, _ = read_until_closed(sock, 5)
     return data
 
 
@@ -109,7 +98,7 @@ def test_connections_over_the_limit_get_503_and_are_closed() -> None:
         try:
             time.sleep(0.2)  # accepted by the server
             with socket.create_connection(address, timeout=5) as third:
-                data, elapsed = _read_all(third, 5)
+                data, elapsed = read_until_closed(third, 5)
             assert data.startswith(b"HTTP/1.1 503 "), data[:200]
             head, _, payload = data.partition(b"\r\n\r\n")
             assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()

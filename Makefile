@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev,train,serve]'
+# Test oracles for the RL losses (tests/train/rl_oracles.py loads their source files by path).
+# --no-deps and not in pyproject's dev extras: they would pull torchao, datasets, accelerate, ...
+	$(BIN)/python -m pip install -q --no-deps torchtune==0.6.1 trl==1.16.0
 	touch $(STAMP)
 
 setup: $(STAMP)

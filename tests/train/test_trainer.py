@@ -221,3 +221,26 @@ def test_resume_with_other_trained_models_is_refused(tmp_path: Path) -> None:
     stage.trainable = {"policy": None}  # the value model now frozen
     with pytest.raises(CheckpointError, match=r"trains further models \['value'\], this run trains \[\]"):
         fit(stage, _cfg(tmp_path, max_steps=4), resume=True)
+
+
+class StoppingStage(KLStage):
+    """Asks to stop at its second evaluation (as PPO does when its held-out reward stops improving)."""
+
+    def __init__(self, models: dict[str, nn.Module], batches: ListBatches) -> None:
+        super().__init__(models, batches)
+        self.evals = 0
+
+    def evaluate(self, max_batches: int, device: torch.device) -> dict[str, float]:
+        self.evals += 1
+        return super().evaluate(max_batches, device)
+
+    def should_stop(self) -> bool:
+        return self.evals >= 2
+
+
+def test_should_stop_ends_the_run_after_an_evaluation_with_a_checkpoint(tmp_path: Path) -> None:
+    res = fit(StoppingStage(_models(0), ListBatches(_data(4))), _cfg(tmp_path, max_steps=12, ckpt_every=5))
+    assert res.step == 6  # evaluations at steps 3 and 6; the second one stops the run
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_0000006.pt"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 6

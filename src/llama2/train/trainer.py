@@ -37,6 +37,9 @@ Decisions:
     (the step's gradient is the mean over the micro-batches), each named metric is averaged the same
     way and again over the `log_every` window before it is written to `metrics.jsonl` next to `loss`.
     `metrics.png` gets one subplot per named metric (`loss.png` keeps train/val loss).
+  - Early stopping: a stage may define `should_stop() -> bool`; it is asked after each evaluation,
+    and True ends the run there (a checkpoint is written, as at the last step). PPO stops when its
+    held-out reward has not improved for `patience` evaluations.
   - A checkpoint holds the first trainable model under `model` (what single-model tools read), the
     other trainable models under `models`, the optimizer, scheduler, RNG, data position, the stage's
     own `state_dict()` under `stage`, the step and the config — plain data, read back with
@@ -348,6 +351,7 @@ def fit(
     val_loss: float | None = None
     rate_tokens, rate_t0 = 0, time.perf_counter()
     history: list[dict[str, Any]] = []
+    stopped_early = False
     while step < cfg.max_steps:
         step_loss = 0.0
         step_tokens = 0
@@ -407,6 +411,9 @@ def fit(
         is_last = step == cfg.max_steps
         if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
             val = run_eval()
+            stop_check = getattr(stage, "should_stop", None)  # optional: early stopping on held-out scores
+            if callable(stop_check) and stop_check() and not is_last:
+                stopped_early, is_last = True, True
             if val:
                 clash = [k for k in val if k in RESERVED_KEYS and k != "loss"]
                 if clash:
@@ -424,6 +431,9 @@ def fit(
             _write_metrics(metrics.png_path, metrics.plot_all)
             rate_t0 = time.perf_counter()
             rate_tokens = 0
+        if stopped_early:
+            print(f"early stop at step {step}: the stage's held-out score stopped improving")
+            break
     if bar is not None:
         bar.close()
     _write_metrics(metrics.png_path, metrics.plot_all)

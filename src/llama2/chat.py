@@ -210,8 +210,11 @@ def encode_dialog(
     return encode_dialog_with_info(dialog, tokenizer, max_tokens, sanitize=sanitize).tokens
 
 
+LOSS_TURNS = ("all", "last")
+
+
 def encode_dialog_for_training(
-    dialog: Sequence[Message], tokenizer: Tokenizer, *, sanitize: bool = False
+    dialog: Sequence[Message], tokenizer: Tokenizer, *, sanitize: bool = False, loss_turns: str = "all"
 ) -> tuple[list[int], list[bool]]:
     """Encodes a dialog that ends with an assistant turn, with the loss mask for fine-tuning.
 
@@ -223,15 +226,22 @@ def encode_dialog_for_training(
             assistant turn.
         tokenizer: the Llama 2 tokenizer.
         sanitize: replace special tags found in contents with inert look-alikes instead of raising.
+        loss_turns: "all" trains every answer; "last" trains only the last answer (with its `▁` and
+            EOS) and zeroes the loss on every earlier pair, answers included — Ghost Attention's
+            training dialogs (Llama 2 paper, sec. 3.3).
 
     Returns:
-        `(tokens, loss_mask)`: `loss_mask[i]` is True exactly on the answers' tokens, including the `▁`
-        and EOS tokens that end each answer, and False on BOS, `[INST]`, system and user tokens.
+        `(tokens, loss_mask)`: `loss_mask[i]` is True exactly on the (trained) answers' tokens,
+        including the `▁` and EOS tokens that end each answer, and False on BOS, `[INST]`, system and
+        user tokens.
 
     Raises:
         DialogError: as `encode_dialog`, but the last message must be from the assistant; also when
-            the tokens of a pair's prompt part are not a prefix of the pair's tokens.
+            the tokens of a pair's prompt part are not a prefix of the pair's tokens, or `loss_turns`
+            is not one of `LOSS_TURNS`.
     """
+    if loss_turns not in LOSS_TURNS:
+        raise DialogError(f"loss_turns must be one of {LOSS_TURNS}, got {loss_turns!r}")
     system, turns = _parse(dialog, sanitize)
     if turns[-1][0] != "assistant":
         raise DialogError(f"Last message must be from assistant for training, got {turns[-1][0]}")
@@ -248,6 +258,7 @@ def encode_dialog_for_training(
                 f"the prompt part of pair {i // 2} does not tokenize to a prefix of the whole pair "
                 f"({prompt[-3:]} vs {pair[len(prompt) - 3 : len(prompt)]}); cannot tell answer tokens apart"
             )
+        trained = loss_turns == "all" or i == len(turns) - 2
         tokens += pair
-        mask += [False] * len(prompt) + [True] * (len(pair) - len(prompt))
+        mask += [False] * len(prompt) + [trained] * (len(pair) - len(prompt))
     return tokens, mask

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from llama2.cli_commands import BUILTIN_COMMANDS
 from llama2.config_cli import add_config_command
 from llama2.dtypes import DTYPE_NAMES
 from llama2.errors import Llama2Error
@@ -300,56 +301,7 @@ def register_eval_command(
     EVAL_COMMANDS[name] = ConfigCommand(config_cls, runner, help)
 
 
-# Built-in config commands: group -> name -> (module, config class, runner, help). Modules are
-# imported only when their group is on the command line, so `llama2 generate` never imports trainers.
-BUILTIN_COMMANDS: dict[str, dict[str, tuple[str, str, str, str]]] = {
-    "train": {
-        "tokenizer": (
-            "llama2.train.tokenizer",
-            "TokenizerTrainConfig",
-            "train_tokenizer",
-            "train a SentencePiece BPE tokenizer with Llama 2's settings",
-        ),
-        "pretrain": (
-            "llama2.train.pretrain",
-            "PretrainConfig",
-            "run_pretrain",
-            "pretrain a Llama 2-architecture model on text (the paper's recipe as defaults)",
-        ),
-        "code": (
-            "llama2.train.code",
-            "CodePretrainConfig",
-            "run_code_pretrain",
-            "pretrain a code model with Code Llama's fill-in-the-middle objective",
-        ),
-        "sft": (
-            "llama2.train.sft",
-            "SFTConfig",
-            "run_sft",
-            "supervised fine-tuning on chat dialogs (full or LoRA), loss on assistant tokens only",
-        ),
-    },
-    "eval": {
-        "perplexity": (
-            "llama2.eval.perplexity",
-            "PerplexityConfig",
-            "run_perplexity",
-            "mean NLL per token and perplexity of a model on a text or token file",
-        ),
-        "exact-match": (
-            "llama2.eval.exact_match",
-            "ExactMatchConfig",
-            "run_exact_match",
-            "greedy chat answers scored by the instruction suite's checkers",
-        ),
-        "infill": (
-            "llama2.eval.infill_eval",
-            "InfillEvalConfig",
-            "run_infill_eval",
-            "held-out fill-in-the-middle accuracy of a code model",
-        ),
-    },
-}
+# Built-in config commands (`llama2.cli_commands`): imported lazily, per group.
 
 
 def _register_builtin_commands(groups: Sequence[str]) -> None:

@@ -176,9 +176,7 @@ def test_gae_matches_torchtune(tt: Torchtune, gamma: float, lam: float) -> None:
     mask = _mask()
     values, rewards = torch.randn(B, T), torch.randn(B, T)
     # torchtune reads padded positions: give it zeros there (its recipe does); ours must ignore garbage.
-    tt_adv, tt_ret = tt.rewards.estimate_advantages(
-        values * mask, rewards * mask, gamma, lam, masks=mask
-    )
+    tt_adv, tt_ret = tt.rewards.estimate_advantages(values * mask, rewards * mask, gamma, lam, masks=mask)
     adv, ret = gae(values, rewards, mask, gamma=gamma, lam=lam)
     _close(ret, tt_ret)
     # torchtune's whiten (shift_mean=True) adds the raw advantages' mean back; ours are zero-mean.

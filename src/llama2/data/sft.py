@@ -108,16 +108,20 @@ def load_dialogs(path: Path | str) -> list[Dialog]:
     return dialogs
 
 
-def encode_examples(dialogs: Sequence[Dialog], tokenizer: Tokenizer) -> list[SFTExample]:
+def encode_examples(
+    dialogs: Sequence[Dialog], tokenizer: Tokenizer, *, loss_turns: str = "all"
+) -> list[SFTExample]:
     """Encode dialogs with `encode_dialog_for_training` (Meta's chat format + answer-token mask).
 
+    `loss_turns="last"` trains only each dialog's last answer (Ghost Attention, see `llama2.chat`).
+
     Raises:
-        DialogError: a dialog is malformed (names its index).
+        DialogError: a dialog is malformed (names its index), or `loss_turns` is not "all"/"last".
     """
     out = []
     for i, dialog in enumerate(dialogs):
         try:
-            tokens, mask = encode_dialog_for_training(dialog, tokenizer)
+            tokens, mask = encode_dialog_for_training(dialog, tokenizer, loss_turns=loss_turns)
         except DialogError as e:
             raise DialogError(f"dialog {i}: {e}") from None
         out.append(SFTExample(tokens, mask))

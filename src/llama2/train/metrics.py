@@ -90,7 +90,7 @@ class MetricsLogger:
             return None
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for split, style in (("train", "-"), ("val", "o-")):
-            pts = [(r["step"], r["loss"]) for r in records if r.get("split") == split]
+            pts = [(r["step"], r["loss"]) for r in records if r.get("split") == split and "loss" in r]
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, style, label=split, markersize=3)

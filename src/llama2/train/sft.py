@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from llama2.chat import LOSS_TURNS
 from llama2.checkpoint.load import load_model
 from llama2.checkpoint.tokenizer_path import require_tokenizer
 from llama2.config import ModelArgs
@@ -107,6 +108,9 @@ class SFTConfig:
         default="float32", metadata={"help": "dtype of saved full models: float32 | bfloat16 | float16"}
     )
     resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/checkpoints/latest"})
+    loss_turns: str = field(
+        default="all", metadata={"help": 'answers trained: "all" | "last" (Ghost Attention dialogs)'}
+    )
     lora: LoRAConfig | None = field(
         default=None, metadata={"help": "LoRA adapters ([lora] table, --lora.rank 8); none: full fine-tuning"}
     )
@@ -169,6 +173,8 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
     resolve_device(loop_cfg.device)  # a device this machine lacks fails now, not after data preparation
     out_dir = prepare_run_dir(loop_cfg.out_dir, resume=cfg.resume, overwrite=loop_cfg.overwrite)
     save_dtype = parse_save_dtype(cfg.save_dtype)
+    if cfg.loss_turns not in LOSS_TURNS:
+        raise ConfigError(f"loss_turns must be one of {LOSS_TURNS}, got {cfg.loss_turns!r}")
     lora_cfg = cfg.lora
     if cfg.merge and lora_cfg is None:
         raise ConfigError(
@@ -200,9 +206,10 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
         raise ConfigError(f"seq_len {seq_len} exceeds the base model's context window {args.max_seq_len}")
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
 
-    examples = encode_examples(load_dialogs(cfg.data), tokenizer)
+    examples = encode_examples(load_dialogs(cfg.data), tokenizer, loss_turns=cfg.loss_turns)
     if cfg.val_data is not None:
-        train_ex, val_ex = examples, encode_examples(load_dialogs(cfg.val_data), tokenizer)
+        val_dialogs = load_dialogs(cfg.val_data)
+        train_ex, val_ex = examples, encode_examples(val_dialogs, tokenizer, loss_turns=cfg.loss_turns)
     else:
         train_ex, val_ex = split_examples(examples, cfg.val_fraction, loop_cfg.seed)
     batches = SFTBatches(train_ex, seq_len, loop_cfg.batch_size, seed=loop_cfg.seed, pad_id=pad_id)

@@ -267,7 +267,8 @@ def run_gatt(cfg: GattConfig) -> GattResult:
         shutil.rmtree(model_dir)  # a previous run's (resume/overwrite)
     sft.model_dir.replace(model_dir)
     summary = {
-        **sampling,
+        **{k: v for k, v in sampling.items() if k != "wall_time_s"},
+        "sampling_wall_time_s": sampling.get("wall_time_s"),
         "sft": {
             "step": sft.train.step,
             "train_loss": sft.train.train_loss,
@@ -277,7 +278,7 @@ def run_gatt(cfg: GattConfig) -> GattResult:
             "wall_time_s": time.perf_counter() - t_sft,
         },
         "model_dir": str(model_dir),
-        "total_wall_time_s": time.perf_counter() - t0,
+        "wall_time_s": float(sampling.get("wall_time_s", 0.0)) + (time.perf_counter() - t_sft),
         "config": config_to_dict(cfg),
     }
     write_json(out_dir / "summary.json", summary)

@@ -330,6 +330,15 @@ def _prepare_out_dir(cfg: RejectionConfig) -> Path:
     return out
 
 
+def _read_seconds(path: Path) -> float | None:
+    """`wall_time_s` of a timing file, or None when it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("wall_time_s")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _iteration_complete(it_dir: Path) -> bool:
     return (it_dir / "iteration.json").is_file() and (it_dir / "sft" / "model").is_dir()
 
@@ -395,11 +404,16 @@ def run_rejection(cfg: RejectionConfig, scorer: Scorer | None = None) -> Rejecti
             print(f"rejection: iteration {i} complete, skipped", flush=True)
             continue
         t0 = time.perf_counter()
+        timing_path = it_dir / "sampling_time.json"  # sampling + scoring, kept for a resumed iteration
         if cfg.resume and samples_path.is_file():
             candidates = read_samples(samples_path)
+            sampling_s = _read_seconds(timing_path)
         else:
             candidates, scorer = _sample_and_score(cfg, current, prompts, scorer, i)
             write_samples(samples_path, candidates)
+            sampling_s = time.perf_counter() - t0
+            write_json(timing_path, {"wall_time_s": sampling_s})
+        t0 = time.perf_counter() - (sampling_s or 0.0)  # the iteration's time includes its sampling
         new_best = best_per_prompt(candidates)
         pool = pool_best(pool, new_best)
         gold = gold_dialogs(prompts, pool, cfg.min_reward)
@@ -432,5 +446,6 @@ def run_rejection(cfg: RejectionConfig, scorer: Scorer | None = None) -> Rejecti
     if final.exists():
         shutil.rmtree(final)
     shutil.copytree(current, final)
-    write_json(out_dir / "summary.json", {"iterations": records, "model": str(final)})
+    total = sum(float(r.get("wall_time_s") or 0.0) for r in records)
+    write_json(out_dir / "summary.json", {"iterations": records, "model": str(final), "wall_time_s": total})
     return RejectionResult(model_dir=final, iterations=records, out_dir=out_dir, best=pool)

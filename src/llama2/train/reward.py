@@ -52,6 +52,7 @@ from llama2.tokenizer import Tokenizer
 from llama2.train.checkpointing import prepare_run_dir
 from llama2.train.loop_config import LoopConfig
 from llama2.train.pretrain import parse_save_dtype, write_json, write_run_files
+from llama2.train.reward_calibration import calibrate_safety
 from llama2.train.rl_losses import MARGINS, SAFETY_THRESHOLD, margin_for, margin_ranking_loss
 from llama2.train.run_config import config_to_dict, flat_aliases
 from llama2.train.trainer import StepOutput, TrainResult, fit
@@ -106,6 +107,10 @@ class RewardConfig:
     val_fraction: float = field(default=0.05, metadata={"help": "share of `data` held out without val_data"})
     objective: str = field(default="helpfulness", metadata={"help": "helpfulness | safety"})
     margin: str = field(default="small", metadata={"help": "rating margin table: small | large | none"})
+    calibrate: bool | None = field(
+        default=None,
+        metadata={"help": "Platt-calibrate sigmoid(score) on safety pairs (default: safety RM, if possible)"},
+    )
     tokenizer: Path | None = field(default=None, metadata={"help": "default: the one beside `model`"})
     save_dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/checkpoints/latest"})
@@ -316,10 +321,22 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     result = fit(stage, loop, resume=cfg.resume, on_start=lambda folder: write_run_files(folder, cfg))
 
     model.cpu().eval()
-    info = {
+    info: dict[str, Any] = {
         "objective": cfg.objective, "margin": cfg.margin, "threshold": SAFETY_THRESHOLD,
         "data": str(cfg.data), "base": str(cfg.model), "steps": result.step,
     }  # fmt: skip
+    if cfg.calibrate if cfg.calibrate is not None else cfg.objective == "safety":
+        kept_train = [p for p in train_pairs if _fits(p, tokenizer, max_len)]
+        try:
+            calibration = calibrate_safety(model, tokenizer, kept_train, bs)
+        except ConfigError as e:
+            if cfg.calibrate:  # asked for explicitly: the run must not end uncalibrated
+                raise
+            calibration = None  # by default: say so, and leave the raw scores
+            print(f"warning: not calibrated ({e}); sigmoid(score) has no absolute level", flush=True)
+        info["calibration"] = calibration.to_json() if calibration is not None else None
+        if calibration is not None:
+            print(f"calibrated: scale {calibration.scale:.3f}, shift {calibration.shift:+.3f}", flush=True)
     model_dir = save_reward_model(model, out_dir / "model", tok_path, info, save_dtype)
     report = None
     if val_enc:

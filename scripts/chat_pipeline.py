@@ -1,6 +1,7 @@
-"""Embedded `chat` model: full SFT of the embedded `base` model on the instruction suite, then
-held-out exact match of base and chat. Run from the repo root: python scripts/chat_pipeline.py [STEPS] [RUN]
-(the embedded chat model: `python scripts/chat_pipeline.py 600 sft2`, then copy runs/chat/sft2/model)."""
+"""The recipe's SFT stage: full SFT of the embedded `base` model on the instruction suite, then held-out
+exact match of base and the SFT model. Run from the repo root: python scripts/chat_pipeline.py [STEPS] [RUN]
+(`python scripts/chat_pipeline.py 600 sft2` writes runs/chat/sft2/model, where the alignment configs in
+scripts/configs/recipe/ start; the embedded chat model is the end of that recipe, see its card)."""
 
 import json
 import sys

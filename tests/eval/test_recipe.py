@@ -180,7 +180,7 @@ def test_targets_missed_by_the_right_amounts() -> None:
     assert lines[5].startswith("false refusals <= 2 % (gatt): missed by 3.0 points")
     assert lines[6].startswith("GAtt adherence >= 85 % at turns 3-5: missed by 5.0 points")
     assert lines[7].startswith(
-        "GAtt exact match within 2 points of the stage before GAtt: missed by 3.5 points"
+        "GAtt exact match at most 2 points below the stage before GAtt: missed by 3.5 points"
     )
 
 

@@ -219,7 +219,7 @@ def targets(report: RecipeReport) -> list[str]:
     else:
         adh = gatt.gatt_turns_3_5
         lines.append(_met(desc, adh >= GATT_MIN, _points(GATT_MIN - adh), _pct(adh)))
-    desc = "GAtt exact match within 2 points of the stage before GAtt"
+    desc = "GAtt exact match at most 2 points below the stage before GAtt"
     i = next((k for k, r in enumerate(report.rows) if r is gatt), 0)
     if gatt is None or i == 0:
         lines.append(_absent(desc, "gatt") if gatt is None else f"{desc}: not evaluated (no stage before it)")

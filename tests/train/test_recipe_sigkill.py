@@ -2,7 +2,7 @@
 
 Each test builds tiny inputs in `tmp_path` (a random 1-layer trunk with the embedded chat tokenizer,
 tiny random reward models, hand-written preference pairs), then runs the real command
-(`python -m llama2 train reward|ppo|dpo|rejection`, float32 on CPU, one thread, a checkpoint every
+(`python -m llama2 train reward|ppo|dpo|rejection|gatt`, float32 on CPU, one thread, a checkpoint every
 step) three times in subprocesses:
 
 1. uninterrupted, to the end;
@@ -237,3 +237,18 @@ def test_rejection_sigkill_resume_is_bit_identical(models: dict[str, Path], tmp_
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     for name in ("iter_0/samples.jsonl", "iter_1/samples.jsonl", "iter_1/best.jsonl"):
         assert (straight / name).read_text() == (cut / name).read_text(), name
+
+
+def test_gatt_sigkill_resume_is_bit_identical(models: dict[str, Path], tmp_path: Path) -> None:
+    # killed during the SFT on the sampled dialogs: the resume reuses gatt_train.jsonl (the samples are
+    # not drawn again) and continues the SFT from its checkpoint.
+    args = [
+        "gatt", "--model", str(models["trunk"]), "--n-dialogs", "4", "--max-turns", "2",
+        "--max-new-tokens", "4", "--max-slots", "8", "--val-fraction", "0", "--loop.max-steps", "4",
+        "--loop.batch-size", "2", "--loop.lr", "1e-3", "--loop.warmup-steps", "0", "--loop.eval-every", "0",
+        "--loop.log-every", "1",
+    ]  # fmt: skip
+    tensors = _kill_resume_compare(args, tmp_path, "sft/checkpoints", 4)
+    assert _changed(models["trunk"], tensors, "model/model.safetensors")
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert (straight / "gatt_train.jsonl").read_text() == (cut / "gatt_train.jsonl").read_text()

@@ -19,7 +19,6 @@ from llama2.config import ModelArgs
 from llama2.data.instruct_suite import REFUSAL
 from llama2.data.preferences import PreferencePair, write_pairs
 from llama2.errors import ConfigError
-from llama2.eval.reward_eval import evaluate_reward_model, report_from_scores
 from llama2.model import Transformer
 from llama2.model.reward import RewardModel
 from llama2.tokenizer import Tokenizer
@@ -34,6 +33,7 @@ from llama2.train.reward import (
     encode_pairs,
     run_reward,
 )
+from llama2.train.reward_report import evaluate_reward_model, report_from_scores
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "src/llama2/assets/models/chat/tokenizer.model"
 TINY = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=4096, multiple_of=16, max_seq_len=128)

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llama2.checkpoint.formats import CheckpointFormat
-from llama2.errors import TokenizerError
+from llama2.errors import ConfigError, TokenizerError
+from llama2.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -81,6 +82,25 @@ def require_tokenizer(found: Path | None, explicit: Path | str | None, model: ob
             f"for Meta's layout in the parent folder; a GGUF file carries its own); {hint}"
         )
     return found
+
+
+def model_tokenizer(
+    found: Path | None, explicit: Path | str | None, model: object, hint: str, vocab_size: int
+) -> tuple[Tokenizer, Path]:
+    """The tokenizer of a model to train or sample (`require_tokenizer`), loaded, with its size checked.
+
+    Raises:
+        TokenizerError: as `require_tokenizer`.
+        ConfigError: the tokenizer's pieces are not the model's vocabulary (another model's tokenizer).
+    """
+    path = require_tokenizer(found, explicit, model, hint)
+    tokenizer = Tokenizer.from_file(path)
+    if tokenizer.vocab_size != vocab_size:
+        raise ConfigError(
+            f"tokenizer {path} has {tokenizer.vocab_size} pieces but the model's vocabulary is "
+            f"{vocab_size}; expected the model's own tokenizer"
+        )
+    return tokenizer, path
 
 
 def _existing(path: Path | str) -> Path:

@@ -37,7 +37,6 @@ Usage:
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llama2.chat import Dialog, Message
+from llama2.data.jsonl import read_records, write_records
 from llama2.errors import ConfigError, DialogError
 
 Split = Literal["train", "heldout"]
@@ -384,25 +384,9 @@ def generate_items(
 def write_jsonl(items: Sequence[InstructItem], path: Path | str) -> Path:
     """Write items as JSONL (`{"messages", "task", "answer", "meta"}` per line); returns the path.
     The file is also a valid SFT dialog file (`llama2.data.sft.load_dialogs`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
-    return path
+    return write_records((item.to_json() for item in items), path)
 
 
 def read_jsonl(path: Path | str) -> list[InstructItem]:
     """Read items written by `write_jsonl`; raises `DialogError` naming the bad line."""
-    path = Path(path)
-    items = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                items.append(InstructItem.from_json(obj))
-            except (json.JSONDecodeError, DialogError) as e:
-                raise DialogError(f"{path}:{lineno}: {e}") from None
-    return items
+    return read_records(path, InstructItem.from_json)

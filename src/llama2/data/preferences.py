@@ -27,7 +27,6 @@ chosen one is on a four-point scale (`RATINGS`), and, for safety, put the pair i
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from typing import Any
 
 from llama2.chat import Message, encode_dialog_for_training
 from llama2.data.instruct_suite import REFUSAL, InstructItem, normalize_response
+from llama2.data.jsonl import read_records, write_records
 from llama2.data.safety_suite import SafetyPrompt, is_refusal
 from llama2.errors import ConfigError, DialogError
 from llama2.tokenizer import Tokenizer
@@ -76,6 +76,12 @@ class PreferencePair:
     safety_bin: str
     kind: str
     task: str
+
+    @property
+    def unsafe_sides(self) -> tuple[bool, bool]:
+        """(chosen is unsafe, rejected is unsafe), read off `safety_bin`: the rejected side of a
+        "chosen_safe_rejected_unsafe" pair and both sides of a "both_unsafe" pair are unsafe."""
+        return self.safety_bin == "both_unsafe", self.safety_bin != "both_safe"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -292,24 +298,9 @@ def mix_pairs(
 # -------------------------------------------------------------------------------------------- JSONL
 def write_pairs(pairs: Sequence[PreferencePair], path: Path | str) -> Path:
     """Write pairs as JSONL (one `to_json` dict per line); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
-    return path
+    return write_records((p.to_json() for p in pairs), path)
 
 
 def read_pairs(path: Path | str) -> list[PreferencePair]:
     """Read pairs written by `write_pairs`; raises `DialogError` naming the bad line."""
-    path = Path(path)
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(PreferencePair.from_json(json.loads(line)))
-            except (json.JSONDecodeError, DialogError) as e:
-                raise DialogError(f"{path}:{lineno}: {e}") from None
-    return out
+    return read_records(path, PreferencePair.from_json)

@@ -11,7 +11,7 @@ next-token classification head with a regression head that outputs one scalar. D
     scores start near 0, i.e. sigmoid(score) near 0.5);
   - scores are returned as float32 whatever the trunk's dtype.
 `pad_rows`/`score_rows` batch token rows for scoring (used by `train/reward_scoring.py` and
-`eval/reward_eval.py`). The module does no I/O and no sampling.
+`train/reward_report.py`). The module does no I/O and no sampling.
 """
 
 from __future__ import annotations

@@ -48,9 +48,9 @@ from torch import Tensor, nn
 
 from llama2.chat import Message, encode_dialog
 from llama2.checkpoint.load import load_model
-from llama2.checkpoint.tokenizer_path import require_tokenizer
+from llama2.checkpoint.tokenizer_path import model_tokenizer
 from llama2.config import ModelArgs
-from llama2.data.preferences import PreferencePair, read_pairs, reward_tokens
+from llama2.data.preferences import KINDS, PreferencePair, read_pairs, reward_tokens
 from llama2.errors import ConfigError, DialogError
 from llama2.runtime import resolve_device
 from llama2.tokenizer import Tokenizer
@@ -61,7 +61,6 @@ from llama2.train.rl_losses import RATINGS, dpo_loss
 from llama2.train.run_config import config_to_dict, flat_aliases
 from llama2.train.trainer import StepOutput, TrainResult, fit, move_to
 
-KINDS = ("helpfulness", "safety")
 DPOBatch = dict[str, Tensor]  # {"tokens": (2B, T) int64, "mask": (2B, T) bool}: chosen rows, then rejected
 
 
@@ -346,15 +345,9 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
     save_dtype = parse_save_dtype(cfg.save_dtype)
     loaded = load_model(cfg.model, dtype=torch.float32, progress=False)
     policy, args = loaded.model, loaded.args
-    tok_path = require_tokenizer(
-        loaded.tokenizer_path, cfg.tokenizer, cfg.model, "set `tokenizer` in the DPO config"
+    tokenizer, tok_path = model_tokenizer(
+        loaded.tokenizer_path, cfg.tokenizer, cfg.model, "set `tokenizer` in the DPO config", args.vocab_size
     )
-    tokenizer = Tokenizer.from_file(tok_path)
-    if tokenizer.vocab_size != args.vocab_size:
-        raise ConfigError(
-            f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces "
-            f"but the model's vocabulary is {args.vocab_size}"
-        )
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
 
     train_pairs, dropped = _read_selected(cfg.data, cfg, "training")

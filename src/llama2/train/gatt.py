@@ -45,6 +45,7 @@ from llama2.checkpoint.load import load_model
 from llama2.checkpoint.tokenizer_path import require_tokenizer
 from llama2.data.gatt import GattDialog, gatt_dialogs
 from llama2.data.instruct_suite import TASKS, generate_items
+from llama2.data.jsonl import jsonl_text
 from llama2.errors import ConfigError
 from llama2.model import Transformer
 from llama2.runtime import resolve_device
@@ -202,11 +203,6 @@ def plain_dialogs(n: int, seed: int) -> list[dict[str, Any]]:
     return [{"messages": it.messages, "kind": "plain", "task": it.task} for it in items]
 
 
-def _write_jsonl(records: list[dict[str, Any]], path: Path) -> Path:
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
-
-
 def run_gatt(cfg: GattConfig) -> GattResult:
     """Sample, build and fine-tune (see the module docstring).
 
@@ -246,7 +242,7 @@ def run_gatt(cfg: GattConfig) -> GattResult:
         n_plain = round(len(records) * cfg.plain_fraction / (1.0 - cfg.plain_fraction))
         records += plain_dialogs(n_plain, cfg.seed)
         random.Random(f"gatt-mix/{cfg.seed}").shuffle(records)
-        _write_jsonl(records, data_path)
+        write_text_atomic(data_path, jsonl_text(records))
         sampling = {
             "samples": stats,
             "training_dialogs": {"gatt": cfg.n_dialogs, "plain": n_plain, **built},

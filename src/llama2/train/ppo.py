@@ -146,6 +146,7 @@ class PPOStage:
         cfg: PPOConfig,
         on_best: Callable[[], object] | None = None,
     ) -> None:
+        self.policy, self.value = policy, value  # typed handles on the two trained models
         self.models: dict[str, nn.Module] = {
             "policy": policy, "value": value, "reference": reference,
             "reward_helpful": reward_helpful, "reward_safety": reward_safety,
@@ -164,8 +165,7 @@ class PPOStage:
         self.last_eval: dict[str, float] = {}
 
     def step(self, batch: dict[str, Tensor]) -> StepOutput:
-        policy, value = self.models["policy"], self.models["value"]
-        assert isinstance(value, RewardModel)
+        policy, value = self.policy, self.value
         tokens, start, mask = batch["tokens"], batch["start"], batch["mask"]
         width = mask.shape[1]
         logprobs = response_logprobs(policy, tokens, start, width)  # (mb, R)
@@ -185,8 +185,7 @@ class PPOStage:
         """Greedy responses to the held-out prompts: mean R_h, mean R_c, exact match (see module doc)."""
         if not self.heldout:
             return {}
-        policy = self.models["policy"]
-        assert isinstance(policy, Transformer)
+        policy = self.policy
         dialogs = [p.dialog for p in self.heldout]
         rows = sample_responses(
             policy, self.tokenizer, dialogs, n=1, temperature=0.0, seed=0,

@@ -36,7 +36,7 @@ import torch
 
 from llama2.chat import Message
 from llama2.checkpoint.load import load_model
-from llama2.checkpoint.tokenizer_path import require_tokenizer
+from llama2.checkpoint.tokenizer_path import model_tokenizer
 from llama2.data.instruct_suite import TASKS, InstructItem, Split, generate_items
 from llama2.data.preferences import (
     PreferencePair,
@@ -231,15 +231,9 @@ def run_preference_build(cfg: PreferenceBuildConfig) -> PreferenceBuildResult:
     out = _prepare_out(cfg)
     loaded = load_model(cfg.model, dtype=torch.float32, device=device, progress=False)
     model, args = loaded.model, loaded.args
-    tok_path = require_tokenizer(
-        loaded.tokenizer_path, cfg.tokenizer, cfg.model, "set `tokenizer` in the config"
+    tokenizer, _ = model_tokenizer(
+        loaded.tokenizer_path, cfg.tokenizer, cfg.model, "set `tokenizer` in the config", args.vocab_size
     )
-    tokenizer = Tokenizer.from_file(tok_path)
-    if tokenizer.vocab_size != args.vocab_size:
-        raise ConfigError(
-            f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces but the model's vocabulary is "
-            f"{args.vocab_size}; expected the model's own tokenizer"
-        )
     model.eval()
     pairs: dict[str, list[PreferencePair]] = {}
     stats: dict[str, Any] = {}

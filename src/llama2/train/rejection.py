@@ -53,6 +53,7 @@ from llama2.chat import Dialog, Message
 from llama2.checkpoint.load import load_model
 from llama2.checkpoint.tokenizer_path import require_tokenizer
 from llama2.data.instruct_suite import generate_items
+from llama2.data.jsonl import jsonl_text, read_records
 from llama2.data.safety_suite import benign_alarming_prompts, harmful_prompts
 from llama2.errors import ConfigError, DialogError
 from llama2.runtime import resolve_device
@@ -263,27 +264,18 @@ def gold_dialogs(
 
 def write_gold(path: Path, gold: Sequence[tuple[Dialog, Candidate]]) -> Path:
     """The SFT data file: one `{"messages": [...], ...scores}` line per gold dialog, written atomically."""
-    lines = [json.dumps({"messages": d, **c.to_json()}, ensure_ascii=False) for d, c in gold]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    write_text_atomic(path, jsonl_text({"messages": d, **c.to_json()} for d, c in gold))
     return path
 
 
 def write_samples(path: Path, candidates: Sequence[Candidate]) -> Path:
-    lines = [json.dumps(c.to_json(), ensure_ascii=False) for c in candidates]
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
+    write_text_atomic(path, jsonl_text(c.to_json() for c in candidates))
     return path
 
 
 def read_samples(path: Path) -> list[Candidate]:
     """Candidates written by `write_samples`; `DialogError` naming the bad line."""
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(Candidate.from_json(json.loads(line)))
-            except (json.JSONDecodeError, DialogError) as e:
-                raise DialogError(f"{path}:{lineno}: {e}") from None
-    return out
+    return read_records(path, Candidate.from_json)
 
 
 def reward_stats(best: Mapping[str, Candidate], iteration: int) -> dict[str, Any]:

@@ -42,10 +42,9 @@ from torch import Tensor, nn
 
 from llama2.checkpoint.load import load_model
 from llama2.checkpoint.reward_io import save_reward_model
-from llama2.checkpoint.tokenizer_path import require_tokenizer
+from llama2.checkpoint.tokenizer_path import model_tokenizer
 from llama2.data.preferences import PreferencePair, read_pairs, reward_tokens
 from llama2.errors import ConfigError
-from llama2.eval.reward_eval import RewardEvalReport, evaluate_reward_model
 from llama2.model.reward import RewardModel, pad_rows
 from llama2.runtime import resolve_device
 from llama2.tokenizer import Tokenizer
@@ -53,6 +52,7 @@ from llama2.train.checkpointing import prepare_run_dir
 from llama2.train.loop_config import LoopConfig
 from llama2.train.pretrain import parse_save_dtype, write_json, write_run_files
 from llama2.train.reward_calibration import calibrate_safety
+from llama2.train.reward_report import RewardEvalReport, evaluate_reward_model
 from llama2.train.rl_losses import MARGINS, SAFETY_THRESHOLD, margin_for, margin_ranking_loss
 from llama2.train.run_config import config_to_dict, flat_aliases
 from llama2.train.trainer import StepOutput, TrainResult, fit
@@ -285,13 +285,9 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     resolve_device(cfg.loop.device)  # a device this machine lacks fails now, not after data preparation
     out_dir = prepare_run_dir(cfg.loop.out_dir, resume=cfg.resume, overwrite=cfg.loop.overwrite)
     loaded = load_model(cfg.model, dtype=torch.float32, progress=False)
-    tok_path = require_tokenizer(loaded.tokenizer_path, cfg.tokenizer, cfg.model, "set `tokenizer`")
-    tokenizer = Tokenizer.from_file(tok_path)
-    if tokenizer.vocab_size != loaded.args.vocab_size:
-        raise ConfigError(
-            f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces, the model's vocabulary is "
-            f"{loaded.args.vocab_size}"
-        )
+    tokenizer, tok_path = model_tokenizer(
+        loaded.tokenizer_path, cfg.tokenizer, cfg.model, "set `tokenizer`", loaded.args.vocab_size
+    )
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
     seed = cfg.loop.seed
     pairs = read_pairs(cfg.data)

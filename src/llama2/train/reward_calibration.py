@@ -53,9 +53,8 @@ def safety_labels(pairs: Sequence[PreferencePair]) -> list[tuple[PreferencePair,
     for p in pairs:
         if p.kind != "safety":
             continue
-        rejected_safe = p.safety_bin == "both_safe"
-        chosen_safe = p.safety_bin != "both_unsafe"
-        out += [(p, p.chosen, chosen_safe), (p, p.rejected, rejected_safe)]
+        chosen_unsafe, rejected_unsafe = p.unsafe_sides
+        out += [(p, p.chosen, not chosen_unsafe), (p, p.rejected, not rejected_unsafe)]
     return out
 
 

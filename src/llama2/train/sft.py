@@ -43,7 +43,7 @@ import torch
 
 from llama2.chat import LOSS_TURNS
 from llama2.checkpoint.load import load_model
-from llama2.checkpoint.tokenizer_path import require_tokenizer
+from llama2.checkpoint.tokenizer_path import model_tokenizer
 from llama2.config import ModelArgs
 from llama2.data.sft import (
     SFTBatches,
@@ -56,7 +56,6 @@ from llama2.data.sft import (
 )
 from llama2.errors import ConfigError
 from llama2.runtime import resolve_device
-from llama2.tokenizer import Tokenizer
 from llama2.train.checkpointing import prepare_run_dir
 from llama2.train.loop import LoopConfig, LossStage, TrainResult, config_to_dict
 from llama2.train.lora import (
@@ -192,15 +191,9 @@ def run_sft(cfg: SFTConfig) -> SFTResult:
     else:
         loaded = load_model(cfg.model, dtype=torch.float32, progress=False)
     model, args = loaded.model, loaded.args
-    tok_path = require_tokenizer(
-        loaded.tokenizer_path, cfg.tokenizer, cfg.model, "set `tokenizer` in the SFT config"
+    tokenizer, tok_path = model_tokenizer(
+        loaded.tokenizer_path, cfg.tokenizer, cfg.model, "set `tokenizer` in the SFT config", args.vocab_size
     )
-    tokenizer = Tokenizer.from_file(tok_path)
-    if tokenizer.vocab_size != args.vocab_size:
-        raise ConfigError(
-            f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces "
-            f"but the model's vocabulary is {args.vocab_size}"
-        )
     seq_len = cfg.seq_len or args.max_seq_len
     if seq_len > args.max_seq_len:
         raise ConfigError(f"seq_len {seq_len} exceeds the base model's context window {args.max_seq_len}")
